@@ -1,0 +1,699 @@
+"""What the five method files share and no paper describes: run plumbing, data,
+augmentation, backbone and evaluation. Neutral names here (backbone, mlp, features);
+each method file uses its own paper's symbols.
+
+Sections: run plumbing | data | augmentation | backbone | evaluation | distributed.
+"""
+import argparse
+import dataclasses
+import inspect
+import json
+import math
+import os
+import re
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+def fail(message):
+    """Stop with one line on stderr and exit status 1 (no traceback)."""
+    raise SystemExit(f"error: {message}")
+
+
+# ============================================================== run plumbing
+
+@dataclasses.dataclass
+class RunArgs:
+    """Plumbing options shared by every method (the method's Args adds the paper's)."""
+    data_dir: str = "data"  # where datasets live (torchvision download target, or the ImageFolder root)
+    out_dir: str = "runs"  # each run writes to <out_dir>/<method>-<date>-<time>/
+    resume: str = ""  # checkpoint.pt (or its run folder) to continue from
+    seed: int = 0
+    eval_every: int = 10  # kNN + collapse diagnostics every N epochs (and before the first)
+    log_every: int = 50  # progress line every N steps
+    steps_per_epoch: int = 0  # 0: one full pass over the data; N: shorter epochs of N steps
+    probe_epochs: int = 100  # linear probe on frozen features at the end (0: skip)
+    knn_k: int = 200  # kNN protocol of InstDisc / MoCo CIFAR
+    knn_t: float = 0.1
+    smoke: bool = False  # tiny run on synthetic data with the small backbone, same code path
+
+
+SMOKE = dict(dataset="synthetic", arch="small", epochs=2, batch_size=64, eval_every=1,
+             steps_per_epoch=8, probe_epochs=5, log_every=4)
+
+
+def _field_help(cls):
+    """The trailing `# comment` of each dataclass field, used as its --help text."""
+    helps = {}
+    for klass in reversed(cls.__mro__):
+        if dataclasses.is_dataclass(klass):
+            for line in inspect.getsource(klass).splitlines():
+                m = re.match(r"\s+(\w+):.*?#\s*(.*)$", line)
+                if m:
+                    helps[m.group(1)] = m.group(2)
+    return helps
+
+
+def parse_args(Args, argv=None):
+    """Args dataclass -> command line: every field is a --flag with its default."""
+    doc = (sys.modules[Args.__module__].__doc__ or "").strip().split("\n\n")[0]
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    helps = _field_help(Args)
+    for f in dataclasses.fields(Args):
+        flag, default, h = "--" + f.name.replace("_", "-"), f.default, helps.get(f.name, " ")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=h)
+        elif isinstance(default, tuple):
+            parser.add_argument(flag, type=type(default[0]), nargs=len(default), default=default, help=h)
+        else:
+            parser.add_argument(flag, type=f.type, default=default, help=h)
+    ns = vars(parser.parse_args(argv))
+    args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
+    if args.smoke:
+        args = dataclasses.replace(args, **{k: v for k, v in SMOKE.items() if hasattr(args, k)})
+    return args
+
+
+class Run:
+    """The environment of one training run: device, process group, output folder, logging."""
+
+    def __init__(self, args, method):
+        self.args, self.method = args, method
+        self.rank = int(os.environ.get("RANK", 0))
+        self.world_size = int(os.environ.get("WORLD_SIZE", 1))
+        self.is_main = self.rank == 0
+        if torch.cuda.is_available():
+            self.device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(self.device)
+            torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+            torch.backends.cudnn.benchmark = True
+        else:
+            self.device = torch.device("cpu")
+        if self.world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo")
+        torch.manual_seed(args.seed)
+        if args.resume:
+            path = args.resume if args.resume.endswith(".pt") else os.path.join(args.resume, "checkpoint.pt")
+            if not os.path.isfile(path):
+                fail(f"--resume {args.resume}: no checkpoint there; pass a checkpoint.pt or its run folder")
+            self.checkpoint_path, self.out = path, os.path.dirname(os.path.abspath(path))
+        else:
+            self.out = os.path.join(args.out_dir, f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.checkpoint_path = os.path.join(self.out, "checkpoint.pt")
+        if self.is_main:
+            os.makedirs(self.out, exist_ok=True)
+            with open(os.path.join(self.out, "args.json"), "w") as fh:
+                json.dump(dataclasses.asdict(args), fh, indent=1)
+        self._loss_sum, self._steps, self._images, self._t0 = None, 0, 0, 0.0
+
+    def autocast(self):
+        """bf16 autocast on CUDA; nothing on CPU. Losses are computed in float32 outside it."""
+        return torch.autocast("cuda", torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+
+    def print(self, *a):
+        if self.is_main:
+            print(*a, flush=True)
+
+    def batches(self, n, batch_size, steps):
+        """Index tensors of one epoch: a fresh permutation cut into `steps` full batches."""
+        if batch_size > n:
+            fail(f"--batch-size {batch_size} is larger than the dataset ({n} images); lower it")
+        self._t0 = time.time()
+        perm = torch.randperm(n, device=self.device)
+        for s in range(steps):
+            yield s, perm[s * batch_size:(s + 1) * batch_size]
+
+    def step(self, epoch, step, steps, loss, images):
+        """Accumulate the loss on the device (no host sync); every log_every steps print a
+        progress line with the loss, images per second (source images) and the ETA."""
+        loss = loss.detach().float()
+        self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+        self._steps, self._images = self._steps + 1, self._images + images
+        if (step + 1) % self.args.log_every == 0:
+            secs = time.time() - self._t0
+            left = (self.args.epochs - epoch) * steps - step - 1
+            self.print(f"epoch {epoch + 1} step {step + 1}/{steps}  loss {loss.item():.4f}  "
+                       f"{self._images / secs:.0f} img/s  ETA {_hms(secs / (step + 1) * left)}")
+
+    def epoch_stats(self):
+        """Mean loss and images/s of the epoch just trained (one host sync)."""
+        loss = (self._loss_sum / max(self._steps, 1)).item()
+        secs = time.time() - self._t0
+        stats = {"loss": loss, "img_per_s": self._images / secs, "epoch_s": secs}
+        self._loss_sum, self._steps, self._images = None, 0, 0
+        return stats
+
+    def log(self, record):
+        """One record: a line on the screen and a JSON line in metrics.jsonl (rank 0)."""
+        if self.is_main:
+            with open(os.path.join(self.out, "metrics.jsonl"), "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+            print("  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                            for k, v in record.items() if not isinstance(v, list)), flush=True)
+        return record
+
+    def save(self, state, encoder):
+        """Atomic checkpoint (temp file, then rename) and the backbone's weights alone."""
+        if self.is_main:
+            save_atomic(state, self.checkpoint_path)
+            save_atomic(encoder.state_dict(), os.path.join(self.out, "backbone.pt"))
+
+    def finish(self, metrics):
+        """Log the final metrics and return them."""
+        self.log({"final": True, **metrics})
+        self.print(f"run folder: {self.out}")
+        return metrics
+
+    def load(self):
+        """The checkpoint to resume from, or None for a fresh run."""
+        if not self.args.resume:
+            return None
+        state = torch.load(self.checkpoint_path, map_location=self.device, weights_only=False)
+        if state.get("method") != self.method:
+            fail(f"--resume {self.args.resume} is a {state.get('method')} run, not {self.method}")
+        return state
+
+
+def _hms(seconds):
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def save_atomic(obj, path):
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["cpu"].cpu())
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def cosine_lr(step, total_steps, base_lr, warmup_steps=0):
+    """Linear warm-up to base_lr, then cosine decay to 0 (SGDR without restarts)."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return base_lr * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class LARS(torch.optim.Optimizer):
+    """SGD with momentum and layer-wise adaptive rate scaling (You et al. 2017, as SimCLR / BYOL
+    use it): for each parameter tensor w with gradient g, g <- g + wd * w, then g is scaled by the
+    trust ratio eta * ||w|| / ||g||, then v <- momentum * v + g and w <- w - lr * v. Groups with
+    lars=False (biases and BN parameters, see exclude_bias_and_norm) skip both weight decay and
+    the trust ratio: plain SGD with momentum."""
+
+    def __init__(self, params, lr, weight_decay=0.0, momentum=0.9, eta=0.001):
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay, momentum=momentum, eta=eta, lars=True))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for w in group["params"]:
+                if w.grad is None:
+                    continue
+                g = w.grad
+                if group["lars"]:
+                    g = g.add(w, alpha=group["weight_decay"])
+                    w_norm, g_norm = torch.norm(w), torch.norm(g)
+                    trust = torch.where((w_norm > 0) & (g_norm > 0), group["eta"] * w_norm / g_norm, 1.0)
+                    g = g.mul(trust)
+                v = self.state[w].setdefault("momentum", torch.zeros_like(w))
+                v.mul_(group["momentum"]).add_(g)
+                w.add_(v, alpha=-group["lr"])
+
+
+def exclude_bias_and_norm(*modules):
+    """Parameter groups for LARS: weights adapted and decayed; biases and BN (1-d) parameters not."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "lars": False, "weight_decay": 0.0}]
+
+
+# ====================================================================== data
+
+@dataclasses.dataclass
+class Data:
+    """Images as uint8 N x 3 x H x W on the device, labels as int64."""
+    ssl_x: torch.Tensor  # what self-supervised training draws from
+    train_x: torch.Tensor  # labelled training set: the kNN memory bank and the probe's training set
+    train_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    num_classes: int
+
+    def __post_init__(self):
+        x = self.train_x.float().div_(255)
+        self.mean = x.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
+        self.std = x.std(dim=(0, 2, 3)).view(1, 3, 1, 1)
+
+    def normalize(self, x):
+        """float images in [0, 1] -> per-channel standardized (statistics of the training set)."""
+        return (x - self.mean) / self.std
+
+    def steps_per_epoch(self, args):
+        full = len(self.ssl_x) // args.batch_size
+        return min(full, args.steps_per_epoch) if args.steps_per_epoch > 0 else full
+
+
+DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".tiff", ".gif")
+
+
+def load_data(args, device):
+    """Decode the dataset once into uint8 tensors on the device."""
+    name, root, size = args.dataset, args.data_dir, args.image_size
+    if name == "synthetic":
+        parts = synthetic_dataset(size)
+    elif name in ("cifar10", "cifar100", "stl10"):
+        parts = _torchvision_dataset(name, root)
+    elif name == "folder":
+        parts = folder_dataset(root, size)
+    else:
+        fail(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
+    ssl_x, train_x, train_y, test_x, test_y = parts
+    ssl_x, train_x, test_x = (_resize(x, size) for x in (ssl_x, train_x, test_x))
+    num_classes = int(train_y.max()) + 1
+    return Data(ssl_x.to(device), train_x.to(device), train_y.to(device), test_x.to(device),
+                test_y.to(device), num_classes)
+
+
+def _resize(x, size):
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    out = [F.interpolate(c.float(), size=(size, size), mode="bilinear", antialias=True).round().clamp(0, 255)
+           for c in x.split(1024)]
+    return torch.cat(out).to(torch.uint8)
+
+
+def _torchvision_dataset(name, root):
+    import torchvision.datasets as tvd
+    try:
+        if name == "stl10":
+            tr, te, un = (tvd.STL10(root, split=s, download=True) for s in ("train", "test", "unlabeled"))
+            x = {k: torch.from_numpy(d.data) for k, d in (("tr", tr), ("te", te), ("un", un))}
+            return (torch.cat([x["tr"], x["un"]]), x["tr"], torch.from_numpy(tr.labels).long(),
+                    x["te"], torch.from_numpy(te.labels).long())
+        cls = tvd.CIFAR10 if name == "cifar10" else tvd.CIFAR100
+        tr, te = cls(root, train=True, download=True), cls(root, train=False, download=True)
+    except Exception as e:  # offline machines end here
+        fail(f"could not download {name} to {root!r} ({type(e).__name__}); without network, unpack an "
+             f"ImageFolder copy and use --dataset folder --data-dir <root with train/ and test/>")
+    x_tr = torch.from_numpy(tr.data).permute(0, 3, 1, 2).contiguous()
+    x_te = torch.from_numpy(te.data).permute(0, 3, 1, 2).contiguous()
+    return x_tr, x_tr, torch.tensor(tr.targets), x_te, torch.tensor(te.targets)
+
+
+def folder_dataset(root, size):
+    """ImageFolder layout: root/train/<class>/*.jpg and root/test/<class>/ (or val/)."""
+    layout = "<root>/train/<class>/<image> and <root>/test/<class>/<image> (or val/ instead of test/)"
+    if not os.path.isdir(root):
+        fail(f"--data-dir {root!r} does not exist; expected {layout}")
+    test_dir = next((os.path.join(root, d) for d in ("test", "val") if os.path.isdir(os.path.join(root, d))), None)
+    if not os.path.isdir(os.path.join(root, "train")) or test_dir is None:
+        fail(f"--data-dir {root!r} is not in ImageFolder layout; expected {layout}")
+    classes = sorted(d.name for d in os.scandir(os.path.join(root, "train")) if d.is_dir())
+    if not classes:
+        fail(f"{os.path.join(root, 'train')} has no class folders; expected {layout}")
+    x_tr, y_tr = _read_split(os.path.join(root, "train"), classes, size)
+    x_te, y_te = _read_split(test_dir, classes, size)
+    return x_tr, x_tr, y_tr, x_te, y_te
+
+
+def _read_split(split_dir, classes, size):
+    files, labels = [], []
+    for c, name in enumerate(classes):
+        d = os.path.join(split_dir, name)
+        if not os.path.isdir(d):
+            fail(f"{split_dir} has no folder {name!r}; train/ and test/ must have the same class folders")
+        found = sorted(e.path for e in os.scandir(d) if e.name.lower().endswith(IMAGE_EXTENSIONS))
+        files += found
+        labels += [c] * len(found)
+    if not files:
+        fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}")
+    with ThreadPoolExecutor(8) as pool:
+        images = list(pool.map(lambda p: _read_image(p, size), files))
+    return torch.stack(images), torch.tensor(labels)
+
+
+def _read_image(path, size):
+    """Decode one file to uint8 3 x size x size: RGB, center square, resized (PIL, bicubic)."""
+    from PIL import Image
+    try:
+        with Image.open(path) as im:
+            im = im.convert("RGB")
+            w, h = im.size
+            if (w, h) != (size, size):
+                s = min(w, h)
+                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                im = im.resize((size, size), Image.BICUBIC)
+            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+    except Exception as e:
+        fail(f"cannot read image {path}: {e}; remove or replace the file")
+    return data.view(size, size, 3).permute(2, 0, 1).contiguous()
+
+
+def synthetic_dataset(size=32, classes=10, n_train=2560, n_test=1000, seed=1234):
+    """Images whose class is a texture (two class-specific gratings), drawn in random colours
+    at a random phase with noise. Colour carries no class information, so a network must learn
+    the texture -- what the augmentations leave -- to separate classes: a random network's kNN
+    is low and a working self-supervised method raises it."""
+    g = torch.Generator().manual_seed(seed)
+    angles = torch.rand(classes, 2, generator=g) * math.pi
+    freqs = 2 + 4 * torch.rand(classes, 2, generator=g)  # cycles per image
+
+    def draw(n):
+        y = torch.arange(n) % classes
+        coords = torch.linspace(0, 1, size)
+        yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        pattern = 0
+        for k in range(2):
+            a, f = angles[y, k].view(n, 1, 1), freqs[y, k].view(n, 1, 1)
+            phase = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
+            pattern = pattern + torch.sin(2 * math.pi * f * (xx * torch.cos(a) + yy * torch.sin(a)) + phase)
+        t = (pattern / 4 + 0.5).unsqueeze(1)  # n x 1 x H x W in [0, 1]
+        lo, hi = 0.4 * torch.rand(n, 1, 1, 1, generator=g), 0.6 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)
+        tint = 0.1 * torch.randn(n, 3, 1, 1, generator=g)
+        img = lo + (hi - lo) * t + tint + 0.05 * torch.randn(n, 3, size, size, generator=g)
+        return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    x_tr, y_tr = draw(n_train)
+    x_te, y_te = draw(n_test)
+    return x_tr, x_tr, y_tr, x_te, y_te
+
+
+# ============================================================== augmentation
+# Every op works on a float batch B x 3 x H x W in [0, 1] with per-sample parameters and
+# equals the torchvision.transforms.v2.functional op applied image by image (tests/).
+
+@dataclasses.dataclass
+class Recipe:
+    """One view's augmentation, in the order SimCLR / BYOL / SimSiam apply it."""
+    size: int = 32  # output side
+    scale: tuple = (0.2, 1.0)  # random resized crop: area fraction
+    ratio: tuple = (3 / 4, 4 / 3)  # and aspect ratio
+    flip_p: float = 0.5
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # brightness, contrast, saturation, hue strengths
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    blur_p: float = 0.0
+    blur_sigma: tuple = (0.1, 2.0)
+    solarize_p: float = 0.0
+
+
+def augment(x, r):
+    """uint8 batch -> one randomly augmented float view per image (before normalization)."""
+    B, _, H, W = x.shape
+    dev = x.device
+    x = x.float().div_(255)
+    x = resized_crop(x, crop_params(B, H, W, r.scale, r.ratio, dev), r.size)
+    x = hflip(x, torch.rand(B, device=dev) < r.flip_p)
+    if r.jitter_p > 0:
+        apply = torch.rand(B, device=dev) < r.jitter_p
+        x = torch.where(apply.view(B, 1, 1, 1), color_jitter(x, *jitter_params(B, r.jitter, dev)), x)
+    if r.gray_p > 0:
+        x = torch.where((torch.rand(B, device=dev) < r.gray_p).view(B, 1, 1, 1), grayscale(x), x)
+    if r.blur_p > 0:
+        sigma = torch.empty(B, device=dev).uniform_(*r.blur_sigma)
+        blurred = gaussian_blur(x, sigma, blur_kernel_size(r.size))
+        x = torch.where((torch.rand(B, device=dev) < r.blur_p).view(B, 1, 1, 1), blurred, x)
+    if r.solarize_p > 0:
+        x = torch.where((torch.rand(B, device=dev) < r.solarize_p).view(B, 1, 1, 1), solarize(x), x)
+    return x
+
+
+def crop_params(B, H, W, scale, ratio, device):
+    """torchvision's RandomResizedCrop sampling, batched: 10 tries of (area, log-ratio), the first
+    that fits wins, else the central crop. Returns B x 4 int (top, left, height, width)."""
+    area = H * W * torch.empty(B, 10, device=device).uniform_(*scale)
+    log_r = torch.empty(B, 10, device=device).uniform_(math.log(ratio[0]), math.log(ratio[1]))
+    w = torch.sqrt(area * torch.exp(log_r)).round()
+    h = torch.sqrt(area / torch.exp(log_r)).round()
+    ok = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = ok.float().argmax(dim=1, keepdim=True)
+    w, h, found = w.gather(1, first).squeeze(1), h.gather(1, first).squeeze(1), ok.any(dim=1)
+    if W / H < ratio[0]:
+        fw, fh = W, round(W / ratio[0])
+    elif W / H > ratio[1]:
+        fw, fh = round(H * ratio[1]), H
+    else:
+        fw, fh = W, H
+    w, h = torch.where(found, w, float(fw)), torch.where(found, h, float(fh))
+    top = torch.where(found, (torch.rand(B, device=device) * (H - h + 1)).floor(), float((H - fh) // 2))
+    left = torch.where(found, (torch.rand(B, device=device) * (W - w + 1)).floor(), float((W - fw) // 2))
+    return torch.stack([top, left, h, w], dim=1).long()
+
+
+def _resize_matrix(start, length, in_size, out_size):
+    """B x out_size x in_size weights of an antialiased bilinear resize of the window
+    [start, start + length) -- the triangle filter of torch's interpolate(antialias=True)."""
+    start, length = start.float().view(-1, 1, 1), length.float().view(-1, 1, 1)
+    scale = length / out_size  # input pixels per output pixel
+    support = scale.clamp(min=1.0)  # widen the filter when downscaling (antialias)
+    center = scale * (torch.arange(out_size, device=start.device).view(1, -1, 1) + 0.5)
+    j = torch.arange(in_size, device=start.device).view(1, 1, -1) - start  # position inside window
+    w = (1 - ((j - center + 0.5) / support).abs()).clamp(min=0)
+    w = w * ((j >= 0) & (j < length))
+    return w / w.sum(dim=2, keepdim=True)
+
+
+def resized_crop(x, boxes, size):
+    """Crop each image to its box (top, left, height, width) and resize to size x size."""
+    B, _, H, W = x.shape
+    Ry = _resize_matrix(boxes[:, 0], boxes[:, 2], H, size)  # B x size x H
+    Rx = _resize_matrix(boxes[:, 1], boxes[:, 3], W, size)  # B x size x W
+    return Ry.unsqueeze(1) @ x @ Rx.transpose(1, 2).unsqueeze(1)
+
+
+def hflip(x, mask):
+    return torch.where(mask.view(-1, 1, 1, 1), x.flip(-1), x)
+
+
+def jitter_params(B, strengths, device):
+    """Factors as torchvision's ColorJitter draws them, and a random order of the 4 ops per image."""
+    b, c, s, h = strengths
+    u = lambda lo, hi: torch.empty(B, device=device).uniform_(lo, hi)  # noqa: E731
+    factors = (u(max(0, 1 - b), 1 + b), u(max(0, 1 - c), 1 + c), u(max(0, 1 - s), 1 + s), u(-h, h))
+    order = torch.rand(B, 4, device=device).argsort(dim=1)
+    return factors, order
+
+
+def color_jitter(x, factors, order):
+    """Brightness, contrast, saturation, hue, in each image's own random order."""
+    ops = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+    for position in range(4):
+        for k, op in enumerate(ops):
+            chosen = (order[:, position] == k).view(-1, 1, 1, 1)
+            if chosen.any():
+                x = torch.where(chosen, op(x, factors[k]), x)
+    return x
+
+
+def _gray(x):
+    """ITU-R 601-2 luma, as torchvision: B x 1 x H x W."""
+    return (0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]).unsqueeze(1)
+
+
+def _blend(x, other, f):
+    f = f.view(-1, 1, 1, 1)
+    return (f * x + (1 - f) * other).clamp(0, 1)
+
+
+def adjust_brightness(x, f):
+    return _blend(x, torch.zeros_like(x), f)
+
+
+def adjust_contrast(x, f):
+    return _blend(x, _gray(x).mean(dim=(1, 2, 3), keepdim=True), f)
+
+
+def adjust_saturation(x, f):
+    return _blend(x, _gray(x), f)
+
+
+def adjust_hue(x, f):
+    """Rotate the hue: RGB -> HSV, h <- (h + f) mod 1, HSV -> RGB."""
+    r, g, b = x.unbind(1)
+    v, _ = x.max(dim=1)
+    delta = v - x.min(dim=1).values
+    safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+    s = delta / torch.where(v > 0, v, torch.ones_like(v))
+    h = torch.where(v == r, (g - b) / safe, torch.where(v == g, 2 + (b - r) / safe, 4 + (r - g) / safe))
+    h = torch.where(delta > 0, h / 6, torch.zeros_like(h))
+    h = torch.remainder(h + f.view(-1, 1, 1), 1.0)
+    i = torch.floor(h * 6)
+    frac = h * 6 - i
+    i = i.long() % 6
+    p, q, t = v * (1 - s), v * (1 - s * frac), v * (1 - s * (1 - frac))
+    sector = [(v, t, p), (q, v, p), (p, v, t), (p, q, v), (t, p, v), (v, p, q)]
+    out = torch.zeros_like(x)
+    for k, rgb in enumerate(sector):
+        out = torch.where((i == k).unsqueeze(1), torch.stack(rgb, dim=1), out)
+    return out
+
+
+def grayscale(x):
+    return _gray(x).expand_as(x)
+
+
+def blur_kernel_size(size):
+    """About 10% of the image side, odd (SimCLR App. A: 23 px at 224)."""
+    return max(3, int(0.1 * size) // 2 * 2 + 1)
+
+
+def gaussian_blur(x, sigma, k):
+    """Separable Gaussian blur, per-image sigma, reflect padding (torchvision's convention)."""
+    B, C, H, W = x.shape
+    t = torch.arange(k, device=x.device, dtype=x.dtype) - (k - 1) / 2
+    kernel = torch.exp(-0.5 * (t.view(1, -1) / sigma.view(-1, 1)) ** 2)
+    kernel = (kernel / kernel.sum(dim=1, keepdim=True)).repeat_interleave(C, dim=0)  # B*C x k
+    y = F.pad(x.reshape(1, B * C, H, W), (k // 2,) * 4, mode="reflect")
+    y = F.conv2d(y, kernel.view(B * C, 1, k, 1), groups=B * C)
+    y = F.conv2d(y, kernel.view(B * C, 1, 1, k), groups=B * C)
+    return y.view(B, C, H, W)
+
+
+def solarize(x, threshold=0.5):
+    return torch.where(x >= threshold, 1 - x, x)
+
+
+# ================================================================== backbone
+
+ARCHS = ("resnet18", "resnet50", "small")
+
+
+def backbone(arch, image_size):
+    """A torchvision ResNet without its classifier: images -> features (B x .dim).
+    Images of 64 px or less get the CIFAR stem (3x3 conv, stride 1, no max-pool).
+    'small' is for CPU runs and tests: one BasicBlock per stage (ResNet-10) and a 3x3 stride-2
+    stem, about 8x cheaper than the CIFAR ResNet-18."""
+    from torchvision.models import resnet18, resnet50
+    from torchvision.models.resnet import BasicBlock, ResNet
+    if arch == "resnet18":
+        net = resnet18()
+    elif arch == "resnet50":
+        net = resnet50()
+    elif arch == "small":
+        net = ResNet(BasicBlock, [1, 1, 1, 1])
+    else:
+        fail(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHS)}")
+    if arch == "small":
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 2, 1, bias=False), nn.Identity()
+    elif image_size <= 64:
+        net.conv1, net.maxpool = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity()
+    net.dim = net.fc.in_features
+    net.fc = nn.Identity()
+    return net
+
+
+# ================================================================ evaluation
+
+@torch.no_grad()
+def embed(net, x, data, batch_size=1024):
+    """Features of uint8 images, network in eval mode (BN running statistics), float32."""
+    was_training = net.training
+    net.eval()
+    out = torch.cat([net(data.normalize(c.float().div_(255))).float() for c in x.split(batch_size)])
+    net.train(was_training)
+    return out
+
+
+@torch.no_grad()
+def knn_top1(train_f, train_y, test_f, test_y, num_classes, k=200, t=0.1, chunk=1024):
+    """Weighted kNN (InstDisc): cosine similarity to the memory bank, the k nearest vote with
+    weight exp(s / t). Returns top-1 accuracy in percent."""
+    train_f, test_f = F.normalize(train_f, dim=1), F.normalize(test_f, dim=1)
+    k = min(k, len(train_f))
+    correct = 0
+    for f, y in zip(test_f.split(chunk), test_y.split(chunk)):
+        sim, idx = (f @ train_f.T).topk(k, dim=1)
+        votes = torch.zeros(len(f), num_classes, device=f.device)
+        votes.scatter_add_(1, train_y[idx], (sim / t).exp())
+        correct += (votes.argmax(dim=1) == y).sum().item()
+    return 100.0 * correct / len(test_f)
+
+
+def linear_probe(train_f, train_y, test_f, test_y, num_classes, epochs=100, batch_size=512, lr=0.1):
+    """Linear classifier on frozen, standardized features (the fast variant: cached features,
+    no augmentation), SGD momentum 0.9 with cosine decay. Returns test top-1 in percent."""
+    if epochs <= 0:
+        return float("nan")
+    mean, std = train_f.mean(0), train_f.std(0) + 1e-6
+    train_f, test_f = (train_f - mean) / std, (test_f - mean) / std
+    clf = nn.Linear(train_f.shape[1], num_classes).to(train_f.device)
+    opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9)
+    steps, g = epochs * max(len(train_f) // batch_size, 1), torch.Generator(device=train_f.device).manual_seed(0)
+    with torch.enable_grad():
+        for s in range(steps):
+            idx = torch.randint(len(train_f), (min(batch_size, len(train_f)),), device=train_f.device, generator=g)
+            for group in opt.param_groups:
+                group["lr"] = cosine_lr(s, steps, lr)
+            loss = F.cross_entropy(clf(train_f[idx]), train_y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        return 100.0 * (clf(test_f).argmax(1) == test_y).float().mean().item()
+
+
+def output_std(z):
+    """SimSiam Fig. 2: std over samples of each channel of l2-normalized z, averaged over
+    channels. About 1/sqrt(d) when z spreads over the sphere, 0 when collapsed to a point."""
+    return F.normalize(z.float(), dim=1).std(dim=0).mean().item()
+
+
+def spectrum(z):
+    """Singular values (descending) of the covariance of l2-normalized embeddings (DirectCLR Fig.)."""
+    z = F.normalize(z.float(), dim=1)
+    z = z - z.mean(dim=0)
+    cov = z.T @ z / len(z)
+    return torch.linalg.svdvals(cov)
+
+
+def effective_rank(s):
+    """Roy & Vetterli (2007): exp of the entropy of the normalized singular values; between 1
+    (all variance in one direction) and d (isotropic)."""
+    if s.sum() < 1e-10:
+        return 0.0  # no variance left above float32 round-off: complete collapse
+    p = s / s.sum()
+    p = p[p > 0]
+    return math.exp(-(p * p.log()).sum().item())
+
+
+def evaluate(net, data, args, heads=None):
+    """kNN top-1 on backbone features, and collapse diagnostics of the backbone features and of
+    each head (e.g. {"z": projector}) on the test set."""
+    train_f, test_f = embed(net, data.train_x, data), embed(net, data.test_x, data)
+    metrics = {"knn_top1": knn_top1(train_f, data.train_y, test_f, data.test_y, data.num_classes,
+                                    args.knn_k, args.knn_t)}
+    outputs = {"r": test_f}
+    with torch.no_grad():
+        for name, head in (heads or {}).items():
+            was_training = head.training
+            outputs[name] = head.eval()(test_f).float()
+            head.train(was_training)
+    for name, z in outputs.items():
+        s = spectrum(z)
+        metrics[f"std_{name}"] = output_std(z)
+        metrics[f"rank_{name}"] = effective_rank(s)
+        metrics[f"spectrum_{name}"] = [round(v, 8) for v in s.tolist()]
+    return metrics
+
+
+def probe(net, data, args):
+    train_f, test_f = embed(net, data.train_x, data), embed(net, data.test_x, data)
+    return linear_probe(train_f, data.train_y, test_f, data.test_y, data.num_classes, args.probe_epochs)

@@ -1,0 +1,141 @@
+"""SimSiam: Exploring Simple Siamese Representation Learning.
+Xinlei Chen and Kaiming He, CVPR 2021. https://arxiv.org/abs/2011.10566
+
+    python simsiam.py                                  # CIFAR-10 recipe of App. D (ResNet-18, 800 epochs)
+    python simsiam.py --smoke                          # a few steps on synthetic data, CPU, < 1 min
+    python simsiam.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
+    python simsiam.py --no-stop-grad                   # Fig. 2: collapses
+    python simsiam.py --help                           # every hyper-parameter and its source
+
+Paper -> code (Algorithm 1, in order):
+
+    x1, x2 = aug(x), aug(x)        two random augmentations of a batch   augment() in train()
+    z1, z2 = f(x1), f(x2)          f = backbone + projection MLP          f = Sequential(encoder, projector)
+    p1, p2 = h(z1), h(z2)          h = prediction MLP                     h = predictor()
+    L = D(p1, z2)/2 + D(p2, z1)/2  symmetrized loss (Eq. 2)               D() below
+    D(p, z) = -cos(p, stopgrad(z)) negative cosine, stop-gradient on z    D(): z.detach()  (Eq. 1, 3)
+    L.backward(); update(f, h)     SGD, cosine decay, no warm-up          torch.optim.SGD, cosine_lr()
+
+Evaluation (not part of the method): weighted kNN (k=200, t=0.1) on backbone features every
+--eval-every epochs, with the collapse diagnostic of Fig. 2 (std of l2-normalized z, about
+1/sqrt(2048) = 0.022 when healthy, 0 when collapsed) and the spectrum / effective rank of z and
+of the backbone features; a linear probe on frozen features at the end.
+
+Result reached by this file: not measured yet on a GPU (see README.md for measured numbers).
+Paper: 91.8% linear top-1 on CIFAR-10, ResNet-18, 800 epochs (App. D).
+
+Deviations from the paper:
+  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - The loss is computed in float32 under bf16 autocast on CUDA (speed; no algorithmic change).
+  - The two views go through f in two separate passes, as in the paper, so BN statistics are
+    per view (concatenating them changes the method).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate,
+                    load_data, parse_args, probe, rng_state, set_rng_state)
+
+
+@dataclass
+class Args(RunArgs):
+    dataset: str = "cifar10"  # App. D (cifar10 | cifar100 | stl10 | folder | synthetic)
+    arch: str = "resnet18"  # App. D: ResNet-18, CIFAR stem (ImageNet: resnet50)
+    image_size: int = 32  # App. D (ImageNet: 224)
+    epochs: int = 800  # App. D (ImageNet: 100)
+    batch_size: int = 512  # App. D (ImageNet: 512)
+    base_lr: float = 0.03  # App. D: lr = base_lr x batch_size / 256 (ImageNet: 0.05)
+    weight_decay: float = 5e-4  # App. D (ImageNet: 1e-4)
+    momentum: float = 0.9  # Sec. 4
+    proj_dim: int = 2048  # App. D: 2-layer projection MLP, hidden and output 2048 (ImageNet: 3 layers)
+    pred_hidden: int = 512  # Sec. 4: bottleneck predictor 2048 -> 512 -> 2048
+    crop_scale: tuple = (0.2, 1.0)  # App. D: (0.08, 1) hurts on CIFAR
+    jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # Sec. 4 / MoCo v2: brightness, contrast, saturation, hue
+    jitter_p: float = 0.8  # MoCo v2
+    gray_p: float = 0.2  # MoCo v2
+    blur_p: float = 0.0  # App. D: no blur at 32x32 (ImageNet: 0.5)
+    stop_grad: bool = True  # --no-stop-grad: Fig. 2, collapses
+    predictor: bool = True  # --no-predictor: Table 1a (h = identity), collapses
+    fix_pred_lr: bool = False  # Table 1a: lr of h kept constant instead of decayed
+
+
+def projector(in_dim, dim):
+    """CIFAR projection MLP (App. D): 2 layers, BN on both, the output BN without affine."""
+    return nn.Sequential(nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                         nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+
+
+def predictor(dim, hidden):
+    """Prediction MLP h (Sec. 4): bottleneck, BN + ReLU in the hidden layer only."""
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, dim))
+
+
+def D(p, z, stop_grad=True):
+    """Eq. 1 with Eq. 3: negative cosine similarity of p and stopgrad(z), mean over the batch."""
+    if stop_grad:
+        z = z.detach()  # stop-gradient: z is a constant here
+    return -(F.normalize(p.float(), dim=1) * F.normalize(z.float(), dim=1)).sum(dim=1).mean()
+
+
+def train(args):
+    run = Run(args, "simsiam")
+    dev = run.device
+    data = load_data(args, dev)
+    encoder = backbone(args.arch, args.image_size)
+    f = nn.Sequential(encoder, projector(encoder.dim, args.proj_dim)).to(dev)
+    h = (predictor(args.proj_dim, args.pred_hidden) if args.predictor else nn.Identity()).to(dev)
+    lr = args.base_lr * args.batch_size / 256
+    optimizer = torch.optim.SGD([{"params": f.parameters(), "fixed_lr": False},
+                                 {"params": h.parameters(), "fixed_lr": args.fix_pred_lr}],
+                                lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+    view = Recipe(size=args.image_size, scale=args.crop_scale, jitter=args.jitter, jitter_p=args.jitter_p,
+                  gray_p=args.gray_p, blur_p=args.blur_p)
+    steps = data.steps_per_epoch(args)
+    start, metrics = 0, {}
+    state = run.load()
+    if state:
+        f.load_state_dict(state["f"]), h.load_state_dict(state["h"]), optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start, metrics = state["epoch"], state["metrics"]
+    elif args.eval_every > 0:  # the network at initialization, for comparison
+        metrics = run.log({"epoch": 0, **evaluate(encoder, data, args, {"z": f[1]})})
+
+    for epoch in range(start, args.epochs):
+        for step, idx in run.batches(len(data.ssl_x), args.batch_size, steps):
+            for group in optimizer.param_groups:
+                group["lr"] = lr if group["fixed_lr"] else cosine_lr(epoch * steps + step, args.epochs * steps, lr)
+            x = data.ssl_x[idx]
+            # Alg. step: two randomly augmented views x1, x2 of the batch x
+            x1, x2 = data.normalize(augment(x, view)), data.normalize(augment(x, view))
+            with run.autocast():
+                # Alg. step: projections z1, z2 = f(x1), f(x2)  (f = backbone + projection MLP)
+                z1, z2 = f(x1), f(x2)
+                # Alg. step: predictions p1, p2 = h(z1), h(z2)
+                p1, p2 = h(z1), h(z2)
+            # Alg. step: symmetrized loss L = D(p1, z2)/2 + D(p2, z1)/2, stop-gradient inside D
+            L = D(p1, z2, args.stop_grad) / 2 + D(p2, z1, args.stop_grad) / 2
+            # Alg. step: back-propagate and update f and h with SGD
+            optimizer.zero_grad(set_to_none=True)
+            L.backward()
+            optimizer.step()
+            run.step(epoch, step, steps, L, len(idx))
+
+        record = {"epoch": epoch + 1, **run.epoch_stats()}
+        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            record.update(evaluate(encoder, data, args, {"z": f[1]}))
+        metrics.update(run.log(record))
+        run.save({"method": "simsiam", "args": vars(args), "epoch": epoch + 1, "f": f.state_dict(),
+                  "h": h.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                  "metrics": metrics}, encoder)
+
+    if args.probe_epochs > 0:
+        metrics["linear_top1"] = probe(encoder, data, args)
+    return run.finish(metrics)
+
+
+if __name__ == "__main__":
+    train(parse_args(Args))
