@@ -105,7 +105,9 @@ class Run:
                 fail(f"--resume {args.resume}: no checkpoint there; pass a checkpoint.pt or its run folder")
             self.checkpoint_path, self.out = path, os.path.dirname(os.path.abspath(path))
         else:
-            self.out = os.path.join(args.out_dir, f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+            self.out = base = os.path.join(args.out_dir, f"{method}-{time.strftime('%Y%m%d-%H%M%S')}")
+            while os.path.exists(self.out):  # two runs started in the same second
+                self.out = f"{base}-{len(os.listdir(args.out_dir))}"
             self.checkpoint_path = os.path.join(self.out, "checkpoint.pt")
         if self.is_main:
             os.makedirs(self.out, exist_ok=True)
@@ -368,27 +370,27 @@ def _read_image(path, size):
 
 
 def synthetic_dataset(size=32, classes=10, n_train=2560, n_test=1000, seed=1234):
-    """Images whose class is a texture (two class-specific gratings), drawn in random colours
-    at a random phase with noise. Colour carries no class information, so a network must learn
-    the texture -- what the augmentations leave -- to separate classes: a random network's kNN
-    is low and a working self-supervised method raises it."""
+    """Gray images whose class is a texture: two gratings with class-specific orientations and
+    frequencies, drawn at a random phase and scale, with pixel noise. Views of one image share
+    little but the class texture, so a working self-supervised method raises the kNN accuracy
+    of a random network."""
     g = torch.Generator().manual_seed(seed)
     angles = torch.rand(classes, 2, generator=g) * math.pi
-    freqs = 2 + 4 * torch.rand(classes, 2, generator=g)  # cycles per image
+    freqs = 4 + 6 * torch.rand(classes, 2, generator=g)  # cycles per image
 
     def draw(n):
+        u = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
         y = torch.arange(n) % classes
         coords = torch.linspace(0, 1, size)
         yy, xx = torch.meshgrid(coords, coords, indexing="ij")
+        zoom = (0.8 + 0.4 * u(n, 1, 1))
         pattern = 0
         for k in range(2):
-            a, f = angles[y, k].view(n, 1, 1), freqs[y, k].view(n, 1, 1)
-            phase = 2 * math.pi * torch.rand(n, 1, 1, generator=g)
+            a, f = angles[y, k].view(n, 1, 1), freqs[y, k].view(n, 1, 1) * zoom
+            phase = 2 * math.pi * u(n, 1, 1)
             pattern = pattern + torch.sin(2 * math.pi * f * (xx * torch.cos(a) + yy * torch.sin(a)) + phase)
-        t = (pattern / 4 + 0.5).unsqueeze(1)  # n x 1 x H x W in [0, 1]
-        lo, hi = 0.4 * torch.rand(n, 1, 1, 1, generator=g), 0.6 + 0.4 * torch.rand(n, 1, 1, 1, generator=g)
-        tint = 0.1 * torch.randn(n, 3, 1, 1, generator=g)
-        img = lo + (hi - lo) * t + tint + 0.05 * torch.randn(n, 3, size, size, generator=g)
+        img = 0.5 + 0.2 * pattern.unsqueeze(1)
+        img = img.expand(n, 3, size, size) + 0.05 * torch.randn(n, 3, size, size, generator=g)
         return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
 
     x_tr, y_tr = draw(n_train)

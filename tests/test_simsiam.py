@@ -47,3 +47,29 @@ def test_smoke_runs_and_ends_with_a_knn_accuracy(tmp_path):
     assert "knn_top1" in out.stdout.splitlines()[-2]
     run_dir = next(tmp_path.iterdir())
     assert {"args.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt"} <= {p.name for p in run_dir.iterdir()}
+
+
+def short_run(tmp_path, *flags):
+    """A short SimSiam run on the synthetic data; returns the per-epoch metrics records."""
+    import json
+    args = parse_args(simsiam.Args, ["--dataset", "synthetic", "--arch", "small", "--batch-size", "64",
+                                     "--probe-epochs", "0", "--log-every", "1000", "--out-dir", str(tmp_path),
+                                     *flags])
+    simsiam.train(args)
+    run_dir = next(tmp_path.iterdir())
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"final"' not in line]
+
+
+def test_simsiam_learns_and_no_stop_grad_collapses(tmp_path):
+    """The paper's Fig. 2 in small: with stop-gradient kNN rises above the network at
+    initialization; without it the loss falls fast, the std of the l2-normalized output z falls
+    toward 0 and kNN drops. (Measured on this CPU: kNN 75.7 at init -> 91.9 with stop-gradient,
+    54.6 without; std_z 0.021 vs 0.0028; loss -0.02 vs -0.62.)"""
+    flags = ["--epochs", "3", "--steps-per-epoch", "40", "--eval-every", "3", "--base-lr", "0.12"]
+    ok = short_run(tmp_path / "sg", *flags)
+    bad = short_run(tmp_path / "nosg", *flags, "--no-stop-grad")
+    init, end, end_bad = ok[0], ok[-1], bad[-1]
+    assert end["knn_top1"] > init["knn_top1"] + 5, (init["knn_top1"], end["knn_top1"])
+    assert end_bad["knn_top1"] < end["knn_top1"] - 10, (end_bad["knn_top1"], end["knn_top1"])
+    assert end_bad["loss"] < end["loss"] - 0.3, (end_bad["loss"], end["loss"])
+    assert end_bad["std_z"] < 0.25 * end["std_z"], (end_bad["std_z"], end["std_z"])
