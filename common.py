@@ -75,10 +75,10 @@ def parse_args(Args, argv=None):
         else:
             parser.add_argument(flag, type=f.type, default=default, help=h)
     ns = vars(parser.parse_args(argv))
-    args = Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
-    if args.smoke:
-        args = dataclasses.replace(args, **{k: v for k, v in SMOKE.items() if hasattr(args, k)})
-    return args
+    if ns["smoke"]:  # smoke settings replace the defaults; flags given explicitly still win
+        parser.set_defaults(**{k: v for k, v in SMOKE.items() if k in ns})
+        ns = vars(parser.parse_args(argv))
+    return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
 
 
 class Run:

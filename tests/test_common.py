@@ -93,6 +93,8 @@ def test_parse_args_builds_flags_from_the_dataclass():
     assert isinstance(args.base_lr, float)
     smoke = common.parse_args(simsiam.Args, ["--smoke"])
     assert smoke.dataset == "synthetic" and smoke.arch == "small"
+    smoke = common.parse_args(simsiam.Args, ["--smoke", "--epochs", "1"])  # explicit flags win
+    assert smoke.epochs == 1 and smoke.dataset == "synthetic"
 
 
 def test_backbone_state_dict_loads_into_torchvision_resnet():

@@ -60,16 +60,16 @@ def short_run(tmp_path, *flags):
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"final"' not in line]
 
 
-def test_simsiam_learns_and_no_stop_grad_collapses(tmp_path):
-    """The paper's Fig. 2 in small: with stop-gradient kNN rises above the network at
-    initialization; without it the loss falls fast, the std of the l2-normalized output z falls
-    toward 0 and kNN drops. (Measured on this CPU: kNN 75.7 at init -> 91.9 with stop-gradient,
-    54.6 without; std_z 0.021 vs 0.0028; loss -0.02 vs -0.62.)"""
+def test_no_stop_grad_collapses(tmp_path):
+    """The paper's Fig. 2 in small: same run with and without stop-gradient. Without it the loss
+    falls fast, the std of the l2-normalized output z falls toward 0 and kNN drops. (Measured on
+    this CPU: loss -0.62 vs -0.02, std_z 0.0028 vs 0.021, kNN 54.6 vs 91.9.)
+    Not asserted here: that these 120 steps lift kNN above the network at initialization. A
+    --base-lr 0 control (weights fixed, only BN running statistics updated) reaches kNN 90.8,
+    so on this synthetic data nearly all of the rise from 75.7 is BN statistics, not learning."""
     flags = ["--epochs", "3", "--steps-per-epoch", "40", "--eval-every", "3", "--base-lr", "0.12"]
-    ok = short_run(tmp_path / "sg", *flags)
-    bad = short_run(tmp_path / "nosg", *flags, "--no-stop-grad")
-    init, end, end_bad = ok[0], ok[-1], bad[-1]
-    assert end["knn_top1"] > init["knn_top1"] + 5, (init["knn_top1"], end["knn_top1"])
+    end = short_run(tmp_path / "sg", *flags)[-1]
+    end_bad = short_run(tmp_path / "nosg", *flags, "--no-stop-grad")[-1]
     assert end_bad["knn_top1"] < end["knn_top1"] - 10, (end_bad["knn_top1"], end["knn_top1"])
     assert end_bad["loss"] < end["loss"] - 0.3, (end_bad["loss"], end["loss"])
     assert end_bad["std_z"] < 0.25 * end["std_z"], (end_bad["std_z"], end["std_z"])
