@@ -1,0 +1,177 @@
+"""BYOL: Bootstrap Your Own Latent, a new approach to self-supervised learning.
+Jean-Bastien Grill, Florian Strub, Florent Altche, Corentin Tallec, Pierre H. Richemond et al.,
+NeurIPS 2020. https://arxiv.org/abs/2006.07733
+
+    python byol.py                                     # CIFAR-10 recipe (ResNet-18, 1000 epochs)
+    python byol.py --smoke                             # a few steps on synthetic data, CPU, < 1 min
+    python byol.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
+    python byol.py --tau-base 1                        # Sec. 5: target never updated, stays random
+    python byol.py --help                              # every hyper-parameter and its source
+
+Paper -> code (Algorithm 1, in order):
+
+    v, v' = t(x), t'(x)             t ~ T, t' ~ T' (asymmetric: Sec. 3.3)   augment() with T, T_prime
+    z = g_theta(f_theta(v))         online projections of both views        online = Sequential(f, g)
+    q_theta(z)                      online predictions                      q = mlp()
+    z' = g_xi(f_xi(v'))             target projections, no gradient         target = copy of online
+    L = 2 - 2 cos(q_theta(z), z')   = ||q_bar - z'_bar||^2 (Eq. 2), plus    regression_loss() below
+                                    L~ with the views swapped
+    theta <- opt(theta, dL/dtheta)  LARS, warm-up + cosine; theta only      LARS, cosine_lr()
+    xi <- tau xi + (1 - tau) theta  target update after each step (Eq. 1)   ema_update()
+    tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2  (Sec. 3.3)             tau_schedule()
+
+Evaluation (not part of the method): weighted kNN (k=200, t=0.1) on the online encoder's
+features f_theta every --eval-every epochs, with collapse diagnostics (std of l2-normalized z,
+about 1/sqrt(256) = 0.063 when healthy, 0 when collapsed; spectrum and effective rank); a linear
+probe on frozen features at the end. The online encoder is the one the paper keeps.
+
+Result reached by this file: not measured yet on a GPU (see README.md for measured numbers).
+Reference: 92.6% online linear top-1 on CIFAR-10, ResNet-18, 1000 epochs, with the recipe that
+gives the defaults below (solo-learn's CIFAR-10 BYOL, PAPERS.md); the paper itself reports
+ImageNet only (74.3% linear, ResNet-50, 1000 epochs).
+
+Deviations from the paper:
+  - CIFAR-10 defaults (the paper has none): batch 256, LARS lr 1.0, wd 1e-5, tau_base 0.99,
+    no blur; ImageNet values are in the comments of Args.
+  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - The loss is computed in float32 under bf16 autocast on CUDA (speed; no algorithmic change).
+  - BN running statistics of the target are not averaged: ema_update() moves parameters only,
+    and the target keeps the running statistics of its own forward passes. During training both
+    networks normalize with batch statistics, so running statistics never enter the loss; they
+    matter only if the target is evaluated, and then statistics measured on the target's own
+    activations match its weights (copying or averaging the online ones would not).
+  - A choice the paper leaves open: each view goes through each network in its own pass, so BN
+    statistics are per view (concatenating the views would mix them).
+"""
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate,
+                    exclude_bias_and_norm, load_data, parse_args, probe, rng_state, set_rng_state)
+
+
+@dataclass
+class Args(RunArgs):
+    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | folder | synthetic
+    arch: str = "resnet18"  # CIFAR recipe: ResNet-18, CIFAR stem (ImageNet: resnet50)
+    image_size: int = 32  # CIFAR recipe (ImageNet: 224)
+    epochs: int = 1000  # CIFAR recipe (ImageNet: 1000, Sec. 3.3)
+    batch_size: int = 256  # CIFAR recipe (ImageNet: 4096, Sec. 3.3)
+    base_lr: float = 1.0  # CIFAR recipe: LARS lr = base_lr x batch_size / 256 (ImageNet: 0.2, Sec. 3.3)
+    weight_decay: float = 1e-5  # CIFAR recipe (ImageNet: 1.5e-6, Sec. 3.3)
+    momentum: float = 0.9  # LARS momentum, as in the CIFAR recipe and SimCLR's LARS
+    warmup_epochs: int = 10  # CIFAR recipe and Sec. 3.3: linear warm-up, then cosine decay
+    tau_base: float = 0.99  # CIFAR recipe: target decay rate at k=0, ramped to 1 (ImageNet: 0.996, Sec. 3.3)
+    proj_hidden: int = 4096  # Sec. 3.3: g = Linear(4096)-BN-ReLU-Linear(256)
+    proj_dim: int = 256  # Sec. 3.3
+    pred_hidden: int = 4096  # Sec. 3.3: q has the shape of g
+    crop_scale: tuple = (0.08, 1.0)  # App. B: random resized crop area
+    jitter: tuple = (0.4, 0.4, 0.2, 0.1)  # App. B: brightness, contrast, saturation, hue
+    jitter_p: float = 0.8  # App. B
+    gray_p: float = 0.2  # App. B
+    blur_p: tuple = (0.0, 0.0)  # CIFAR recipe: no blur (ImageNet: 1.0 for T, 0.1 for T', App. B)
+    solarize_p: tuple = (0.0, 0.2)  # CIFAR recipe and App. B: 0 for T, 0.2 for T'
+
+
+def mlp(in_dim, hidden, out_dim):
+    """Projector g and predictor q (Sec. 3.3): Linear-BN-ReLU-Linear, no BN on the output."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+                         nn.Linear(hidden, out_dim))
+
+
+def regression_loss(q, z):
+    """Eq. 2: ||q/||q|| - z'/||z'|| ||^2 = 2 - 2 cos(q, z'), mean over the batch. z' comes from
+    the target network: it is a constant here (BYOL minimizes w.r.t. theta only)."""
+    q, z = F.normalize(q.float(), dim=1), F.normalize(z.detach().float(), dim=1)
+    return (2 - 2 * (q * z).sum(dim=1)).mean()
+
+
+def tau_schedule(k, K, tau_base):
+    """Sec. 3.3: tau = 1 - (1 - tau_base)(cos(pi k / K) + 1) / 2, from tau_base at k=0 to 1 at k=K."""
+    return 1 - (1 - tau_base) * (math.cos(math.pi * k / K) + 1) / 2
+
+
+@torch.no_grad()
+def ema_update(target, online, tau):
+    """Eq. 1 (Sec. 3.1): xi <- tau xi + (1 - tau) theta for every parameter. Buffers (BN running
+    statistics) are left to the target's own forward passes (see the module docstring)."""
+    for xi, theta in zip(target.parameters(), online.parameters()):
+        xi.mul_(tau).add_(theta.detach(), alpha=1 - tau)
+
+
+def train(args):
+    run = Run(args, "byol")
+    dev = run.device
+    data = load_data(args, dev)
+    encoder = backbone(args.arch, args.image_size)
+    # online network theta: encoder f, projector g (here), predictor q (below)
+    online = nn.Sequential(encoder, mlp(encoder.dim, args.proj_hidden, args.proj_dim)).to(dev)
+    q = mlp(args.proj_dim, args.pred_hidden, args.proj_dim).to(dev)
+    # target network xi: encoder and projector, initialized as the online ones, never optimized
+    target = copy.deepcopy(online).requires_grad_(False)
+    lr = args.base_lr * args.batch_size / 256
+    optimizer = LARS(exclude_bias_and_norm(online, q), lr=lr, weight_decay=args.weight_decay,
+                     momentum=args.momentum)
+    common_aug = dict(size=args.image_size, scale=args.crop_scale, jitter=args.jitter,
+                      jitter_p=args.jitter_p, gray_p=args.gray_p)
+    T = Recipe(**common_aug, blur_p=args.blur_p[0], solarize_p=args.solarize_p[0])
+    T_prime = Recipe(**common_aug, blur_p=args.blur_p[1], solarize_p=args.solarize_p[1])
+    steps = data.steps_per_epoch(args)
+    K, warmup = args.epochs * steps, args.warmup_epochs * steps
+    start, metrics = 0, {}
+    state = run.load()
+    if state:
+        online.load_state_dict(state["online"]), q.load_state_dict(state["q"])
+        target.load_state_dict(state["target"]), optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start, metrics = state["epoch"], state["metrics"]
+    elif args.eval_every > 0:  # the network at initialization, for comparison
+        metrics = run.log({"epoch": 0, **evaluate(encoder, data, args, {"z": online[1]})})
+
+    for epoch in range(start, args.epochs):
+        for step, idx in run.batches(len(data.ssl_x), args.batch_size, steps):
+            k = epoch * steps + step
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(k, K, lr, warmup)
+            # Alg. step: sample a batch x and views v = t(x), v' = t'(x) with t ~ T, t' ~ T'
+            x = data.ssl_x[idx]
+            v, v_prime = data.normalize(augment(x, T)), data.normalize(augment(x, T_prime))
+            with run.autocast():
+                # Alg. step: online projections z = g_theta(f_theta(.)) of both views
+                z1, z2 = online(v), online(v_prime)
+                # Alg. step: online predictions q_theta(z)
+                q1, q2 = q(z1), q(z2)
+                # Alg. step: target projections z' = g_xi(f_xi(.)) of both views, no gradient
+                with torch.no_grad():
+                    z1_xi, z2_xi = target(v), target(v_prime)
+            # Alg. step: L + L~ (Eq. 2, symmetrized): each view's prediction regresses the
+            # target projection of the other view
+            L = regression_loss(q1, z2_xi) + regression_loss(q2, z1_xi)
+            # Alg. step: gradient w.r.t. theta only, optimizer step on the online network
+            optimizer.zero_grad(set_to_none=True)
+            L.backward()
+            optimizer.step()
+            # Alg. step: target update xi <- tau xi + (1 - tau) theta, tau ramped to 1
+            ema_update(target, online, tau_schedule(k, K, args.tau_base))
+            run.step(epoch, step, steps, L, len(idx))
+
+        record = {"epoch": epoch + 1, **run.epoch_stats(), "tau": tau_schedule(k + 1, K, args.tau_base)}
+        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            record.update(evaluate(encoder, data, args, {"z": online[1]}))
+        metrics.update(run.log(record))
+        run.save({"method": "byol", "args": vars(args), "epoch": epoch + 1, "online": online.state_dict(),
+                  "q": q.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
+                  "rng": rng_state(), "metrics": metrics}, encoder)
+
+    if args.probe_epochs > 0:
+        metrics["linear_top1"] = probe(encoder, data, args)
+    return run.finish(metrics)
+
+
+if __name__ == "__main__":
+    train(parse_args(Args))

@@ -1,0 +1,210 @@
+"""DirectCLR: Understanding Dimensional Collapse in Contrastive Self-supervised Learning.
+Li Jing, Pascal Vincent, Yann LeCun and Yuandong Tian, ICLR 2022. https://arxiv.org/abs/2110.09348
+
+    python directclr.py                                # DirectCLR on CIFAR-10, ResNet-18, SimCLR's CIFAR recipe
+    python directclr.py --smoke                        # a few steps on synthetic data, CPU, < 1 min
+    python directclr.py --projector mlp                # the paper's comparison: direct | mlp | linear | none
+    python directclr.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
+    python directclr.py --help                         # every hyper-parameter and its source
+
+The paper is a finding as much as a method. The finding (Sec. 3-5): contrastive learning suffers
+dimensional collapse -- many singular values of the covariance of the embeddings fall to zero --
+driven by strong augmentation and by the implicit regularization of stacked (projector) layers;
+the representation r before a projector escapes most of it. The method (Sec. 6): no trainable
+projector; InfoNCE is applied directly to a fixed sub-vector r[:, :d0] of the representation, and
+the rest of r is shaped through the shared layers (residual connections) below it. Reproduce both
+by training each --projector value and comparing, in metrics.jsonl, kNN accuracy with the
+spectrum and effective rank of r and z (ImageNet linear probe, ResNet-50, 100 epochs, Sec. 6):
+
+    --projector none     SimCLR without a projector: the loss on r itself               51.5
+    --projector linear   SimCLR with a 1-layer linear projector z = W r                 61.1
+    --projector mlp      SimCLR's 2-layer projector z = W2 ReLU(BN(W1 r))                66.5
+    --projector direct   DirectCLR: the loss on z = r[:, :d0], nothing to train          62.7
+
+Paper -> code (Sec. 6; SimCLR's Alg. 1 for the rest), in order:
+
+    x1, x2 = aug(x), aug(x)            two random augmentations of a batch x    augment() in train()
+    r1, r2 = f(x1), f(x2)              f = ResNet, r = its representation       f = backbone()
+    z1, z2 = r1[:, :d0], r2[:, :d0]    DirectCLR: a fixed sub-vector of r,      directclr_loss()
+                                       no trainable projector
+      (baselines: z = g(r))            g: none, linear, or SimCLR's MLP         g = projector()
+    L = InfoNCE(z1, z2)/2 + InfoNCE(z2, z1)/2, with                            directclr_loss()
+      InfoNCE(a, b) = mean_i -log softmax_j( cos(a_i, b_j) / tau ) at j = i
+    L.backward(); update f (and g)     LARS, linear warm-up + cosine decay      LARS, cosine_lr()
+
+Negatives: each anchor is compared with the N views of the OTHER side only -- its positive and the
+N - 1 other images' other views -- as in the paper's official formulation. SimCLR's L (nt_xent in
+simclr.py) also counts the N - 1 other views of the anchor's own side (2N - 2 negatives); the two
+agree exactly once those same-side terms are removed from SimCLR's denominator
+(tests/test_directclr.py). All four --projector values use this same loss, so only the projector
+differs between them.
+
+Choice of d0 (no CIFAR value is published): the official ImageNet run uses d0 = 360 of
+ResNet-50's 2048 dimensions. We keep that fraction, d0 = round(360/2048 x dim r): 90 of
+ResNet-18's (and the small backbone's) 512 dimensions, 360 for ResNet-50. The fraction, not the
+count, is what we carry over: it fixes the share of r the loss shapes directly (the paper's
+fixed low-rank diagonal projector) against the share left to follow through the shared layers.
+--d0 sets it by hand; a CIFAR sweep of d0 has not been run.
+
+Evaluation (not part of the method): weighted kNN (k=200, t=0.1) on r every --eval-every epochs,
+with the paper's diagnostic: the singular values of the covariance of the l2-normalized embeddings
+of the test set (metrics.jsonl: spectrum_r for r, spectrum_z for the projector output or for
+r[:, :d0]; descending) and their effective rank (rank_r, rank_z); the paper's figure plots the
+log of each spectrum against its index. A linear probe on frozen features at the end.
+
+Result reached by this file: not measured yet on a GPU (see README.md for measured numbers).
+Paper: ImageNet only (above); no CIFAR-10 number has been published.
+
+Deviations from the paper:
+  - CIFAR recipe: DirectCLR published ImageNet only, so the defaults are SimCLR's CIFAR-10 recipe
+    (App. B.9 and its README: ResNet-18 CIFAR stem, batch 512, LARS, wd 1e-4, 1000 epochs, jitter
+    strength 0.5, no blur) with DirectCLR's temperature 0.1 (SimCLR's CIFAR run used 0.5), and
+    SimCLR's augmentation instead of the official BYOL-style ImageNet one (blur, solarization).
+  - d0 = 90 for a 512-d representation, rescaled from the official 360 of 2048 (above).
+  - One process: negatives come from the local batch. The official code gathers the embeddings of
+    all GPUs with gradient; multi-GPU gathering is not implemented here yet.
+  - The two views go through f in two passes, so BN statistics are per view (as simsiam.py;
+    SimCLR's code concatenates the views into one batch).
+  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - The loss is computed in float32 under bf16 autocast on CUDA (speed; no algorithmic change).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate,
+                    exclude_bias_and_norm, fail, load_data, parse_args, probe, rng_state, set_rng_state)
+
+PROJECTORS = ("direct", "mlp", "linear", "none")
+
+
+@dataclass
+class Args(RunArgs):
+    dataset: str = "cifar10"  # cifar10 | cifar100 | stl10 | folder | synthetic (DirectCLR: ImageNet only)
+    arch: str = "resnet18"  # SimCLR App. B.9: ResNet-18, CIFAR stem (DirectCLR ImageNet: resnet50)
+    image_size: int = 32  # CIFAR (ImageNet: 224)
+    projector: str = "direct"  # Sec. 6 comparison: direct (DirectCLR) | mlp (SimCLR) | linear (1 layer) | none
+    d0: int = 0  # direct: dims of r under the loss; 0 = 360/2048 of dim r, the official ratio (ResNet-18: 90)
+    proj_dim: int = 128  # SimCLR Sec. 2.3: 128-d z, for linear and mlp (mlp hidden = dim r)
+    epochs: int = 1000  # SimCLR App. B.9 (DirectCLR ImageNet: 100)
+    batch_size: int = 512  # SimCLR App. B.9 (DirectCLR ImageNet: 4096)
+    base_lr: float = 1.0  # SimCLR CIFAR README: lr = base_lr x batch_size / 256 (DirectCLR ImageNet: 4.8 at 4096)
+    weight_decay: float = 1e-4  # SimCLR CIFAR README (DirectCLR ImageNet: 1e-6)
+    momentum: float = 0.9  # SimCLR: LARS momentum
+    warmup_epochs: int = 10  # SimCLR Sec. 2.3 and DirectCLR: linear warm-up, then cosine decay
+    tau: float = 0.1  # DirectCLR official temperature (SimCLR CIFAR: 0.5)
+    crop_scale: tuple = (0.08, 1.0)  # SimCLR App. A: random resized crop area
+    jitter_strength: float = 0.5  # SimCLR App. B.9: s = 0.5 on CIFAR (ImageNet: 1.0, App. A)
+    jitter_p: float = 0.8  # SimCLR App. A
+    gray_p: float = 0.2  # SimCLR App. A
+    blur_p: float = 0.0  # SimCLR App. B.9: no blur on CIFAR (DirectCLR ImageNet: BYOL's 1.0 / 0.1)
+
+
+def projector(kind, dim, out_dim):
+    """g of the comparison (Sec. 6). direct and none: nothing to train (z is read from r);
+    linear: z = W r, one layer; mlp: SimCLR's z = W2 ReLU(W1 r), hidden = dim r, with BN after W1
+    as in SimCLR's code."""
+    if kind == "linear":
+        return nn.Linear(dim, out_dim, bias=False)
+    if kind == "mlp":
+        return nn.Sequential(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                             nn.Linear(dim, out_dim))
+    return nn.Identity()
+
+
+class FirstDims(nn.Module):
+    """z = r[:, :d0]: DirectCLR's fixed 'projector', the diagonal matrix with d0 ones (Sec. 6).
+    Nothing to train; used to log the spectrum of the sub-vector the loss sees."""
+
+    def __init__(self, d0):
+        super().__init__()
+        self.d0 = d0
+
+    def forward(self, r):
+        return r[:, :self.d0]
+
+
+def directclr_loss(r1, r2, d0, tau):
+    """DirectCLR's loss (Sec. 6): symmetrized InfoNCE on the first d0 dimensions of r.
+    With z = r[:, :d0] / ||r[:, :d0]|| and s_ij = z1_i . z2_j / tau (one row per image, N rows):
+        L = 1/(2N) sum_i [ -log( e^{s_ii} / sum_j e^{s_ij} ) - log( e^{s_ii} / sum_j e^{s_ji} ) ]
+          = InfoNCE(z1, z2)/2 + InfoNCE(z2, z1)/2
+    Each anchor: its positive and the N - 1 other images of the other side (no same-side
+    negatives, unlike SimCLR's 2N - 2). Only r[:, :d0] receives gradient. Computed in float32."""
+    z1 = F.normalize(r1[:, :d0].float(), dim=1)
+    z2 = F.normalize(r2[:, :d0].float(), dim=1)
+    s = z1 @ z2.T / tau  # s[i, j]: anchor i of view 1 against image j of view 2
+    positives = torch.arange(len(s), device=s.device)  # from the actual batch, not a nominal size
+    return F.cross_entropy(s, positives) / 2 + F.cross_entropy(s.T, positives) / 2
+
+
+def train(args):
+    if args.projector not in PROJECTORS:
+        fail(f"unknown --projector {args.projector!r}; choose one of {', '.join(PROJECTORS)}")
+    run = Run(args, "directclr")
+    dev = run.device
+    f = backbone(args.arch, args.image_size).to(dev)
+    d0 = args.d0 or round(f.dim * 360 / 2048)  # the official ratio, 360 of 2048 (see the docstring)
+    if not 0 < d0 <= f.dim:
+        fail(f"--d0 {args.d0}: must be between 1 and {f.dim}, the dimension of r for --arch {args.arch}")
+    data = load_data(args, dev)
+    g = projector(args.projector, f.dim, args.proj_dim).to(dev)
+    # the loss reads the first d of z's dimensions: DirectCLR d0 of r; the baselines all of z
+    d = {"direct": d0, "none": f.dim}.get(args.projector, args.proj_dim)
+    # the spectrum of r is always logged; z: the projector's output, or the sub-vector r[:, :d0]
+    heads = {"direct": {"z": FirstDims(d0)}, "none": {}}.get(args.projector, {"z": g})
+    lr = args.base_lr * args.batch_size / 256
+    optimizer = LARS(exclude_bias_and_norm(f, g), lr=lr, weight_decay=args.weight_decay, momentum=args.momentum)
+    s = args.jitter_strength  # SimCLR App. A: brightness, contrast, saturation 0.8 s, hue 0.2 s
+    view = Recipe(size=args.image_size, scale=args.crop_scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+                  jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p)
+    steps = data.steps_per_epoch(args)
+    start, metrics = 0, {}
+    state = run.load()
+    if state:
+        old = state["args"]
+        if (old["projector"], old["d0"]) != (args.projector, args.d0):
+            fail(f"--resume: that run used --projector {old['projector']} --d0 {old['d0']}; pass the same values")
+        f.load_state_dict(state["f"]), g.load_state_dict(state["g"]), optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start, metrics = state["epoch"], state["metrics"]
+    elif args.eval_every > 0:  # the network at initialization, for comparison
+        metrics = run.log({"epoch": 0, "d0": d0, **evaluate(f, data, args, heads)})
+
+    for epoch in range(start, args.epochs):
+        for step, idx in run.batches(len(data.ssl_x), args.batch_size, steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(epoch * steps + step, args.epochs * steps, lr, args.warmup_epochs * steps)
+            x = data.ssl_x[idx]
+            # Alg. step: two randomly augmented views x1, x2 of the batch x
+            x1, x2 = data.normalize(augment(x, view)), data.normalize(augment(x, view))
+            with run.autocast():
+                # Alg. step: representations r1, r2 = f(x1), f(x2)
+                r1, r2 = f(x1), f(x2)
+                # Alg. step: DirectCLR has no trainable projector, z = r (the baselines: z = g(r))
+                z1, z2 = g(r1), g(r2)
+            # Alg. step: L = InfoNCE(z1, z2)/2 + InfoNCE(z2, z1)/2 on the first d dimensions
+            L = directclr_loss(z1, z2, d, args.tau)
+            # Alg. step: back-propagate and update f (and g) with LARS
+            optimizer.zero_grad(set_to_none=True)
+            L.backward()
+            optimizer.step()
+            run.step(epoch, step, steps, L, len(idx))
+
+        record = {"epoch": epoch + 1, **run.epoch_stats()}
+        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            record.update(evaluate(f, data, args, heads))
+        metrics.update(run.log(record))
+        run.save({"method": "directclr", "args": vars(args), "epoch": epoch + 1, "f": f.state_dict(),
+                  "g": g.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                  "metrics": metrics}, f)
+
+    if args.probe_epochs > 0:
+        metrics["linear_top1"] = probe(f, data, args)
+    return run.finish(metrics)
+
+
+if __name__ == "__main__":
+    train(parse_args(Args))

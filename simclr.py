@@ -1,0 +1,149 @@
+"""SimCLR: A Simple Framework for Contrastive Learning of Visual Representations.
+Ting Chen, Simon Kornblith, Mohammad Norouzi and Geoffrey Hinton, ICML 2020.
+https://arxiv.org/abs/2002.05709
+
+    python simclr.py                                   # CIFAR-10 recipe of App. B.9 (ResNet-18, 1000 epochs)
+    python simclr.py --smoke                           # a few steps on synthetic data, CPU, < 1 min
+    python simclr.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
+    python simclr.py --temperature 0.1                 # App. B.9: tau matters on CIFAR (0.5 was best)
+    python simclr.py --help                            # every hyper-parameter and its source
+
+Paper -> code (Algorithm 1, in order):
+
+    x~_2k-1, x~_2k = t(x_k), t'(x_k)   two augmentations of each example      augment() in train()
+    h = f(x~)                          representation (backbone)              f = backbone()
+    z = g(h)                           projection, 2-layer MLP                g = projection_head()
+    s_ij = z_i.z_j / (|z_i| |z_j|)     cosine similarity, all 2N x 2N pairs   nt_xent()
+    l(i, j) = -log exp(s_ij / tau) / sum_{k != i} exp(s_ik / tau)             nt_xent()  (Eq. 1)
+    L = 1/(2N) sum_k [l(2k-1, 2k) + l(2k, 2k-1)]   mean over all 2N anchors   nt_xent()
+    update f and g to minimize L       LARS, linear warm-up + cosine decay    LARS, cosine_lr()
+    return f, throw g away             evaluation uses h = f(x)               evaluate(f, ...)
+
+Evaluation (not part of the method): weighted kNN (k=200, t=0.1) on h = f(x) every --eval-every
+epochs, with collapse diagnostics of h and z (std of l2-normalized outputs, spectrum and
+effective rank; contrastive losses show dimensional collapse there, not complete collapse); a
+linear probe on frozen h at the end.
+
+Result reached by this file: not measured yet on a GPU (see README.md for measured numbers).
+Reference: about 91% linear top-1 on CIFAR-10 with ResNet-18 (SimSiam App. D: 91.1, 800 epochs;
+solo-learn: 90.7, 1000 epochs); the paper itself: 94.0% with ResNet-50, batch 1024, 1000 epochs
+(App. B.9).
+
+Deviations from the paper:
+  - g has BN after its hidden layer (the paper writes g(h) = W2 relu(W1 h)); as in BYOL's and
+    SimSiam's MLPs it makes training with small batches stable.
+  - Both views go through f and g in one pass of 2N images, so BN statistics are taken over all
+    2N views, as the paper's global BN does over all devices (Sec. 2.2).
+  - Single process: with several GPUs the negatives would have to be gathered with gradient
+    across them; this file runs on one device.
+  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - The loss is computed in float32 under bf16 autocast on CUDA (speed; no algorithmic change).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate,
+                    exclude_bias_and_norm, load_data, parse_args, probe, rng_state, set_rng_state)
+
+
+@dataclass
+class Args(RunArgs):
+    dataset: str = "cifar10"  # App. B.9 (cifar10 | cifar100 | stl10 | folder | synthetic)
+    arch: str = "resnet18"  # README CIFAR recipe: ResNet-18, CIFAR stem (App. B.9 and ImageNet: resnet50)
+    image_size: int = 32  # App. B.9 (ImageNet: 224)
+    epochs: int = 1000  # App. B.9 and README CIFAR recipe (ImageNet: 100, Sec. 2.3)
+    batch_size: int = 512  # README CIFAR recipe (App. B.9: 256 to 4096; ImageNet: 4096, Sec. 2.3)
+    base_lr: float = 1.0  # README CIFAR recipe: LARS lr = base_lr x batch_size / 256 (ImageNet: 0.3, Sec. 2.3)
+    weight_decay: float = 1e-4  # README CIFAR recipe (ImageNet: 1e-6, Sec. 2.3)
+    momentum: float = 0.9  # LARS momentum
+    warmup_epochs: int = 10  # Sec. 2.3: linear warm-up for 10 epochs, then cosine decay
+    temperature: float = 0.5  # App. B.9 and README CIFAR recipe: tau of Eq. 1 (ImageNet: 0.1, Sec. 5.1)
+    proj_dim: int = 128  # Sec. 2.3: z is 128-d; the hidden layer of g is as wide as h
+    crop_scale: tuple = (0.08, 1.0)  # App. A: random resized crop area
+    jitter_strength: float = 0.5  # App. B.9: s = 0.5 on CIFAR (ImageNet: 1.0, App. A)
+    jitter_p: float = 0.8  # App. A
+    gray_p: float = 0.2  # App. A
+    blur_p: float = 0.0  # App. B.9: no blur at 32x32 (ImageNet: 0.5, App. A)
+
+
+def projection_head(dim, out_dim):
+    """g (Sec. 2.1): 2-layer MLP h -> z, W2 relu(W1 h), hidden layer as wide as h, with BN in it."""
+    return nn.Sequential(nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+                         nn.Linear(dim, out_dim))
+
+
+def nt_xent(z1, z2, tau):
+    """L of Algorithm 1 (NT-Xent, Eq. 1): views z1[k], z2[k] of example k form the positive pair;
+    each of the 2N views is an anchor whose 2N - 2 negatives are all views of the other examples;
+    the mean over the 2N anchors. N is taken from the inputs, so any batch size works."""
+    N = len(z1)
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # 2N x d, row k and row k + N are a pair
+    s = z @ z.T / tau  # s_ij / tau for all pairs
+    s = s.masked_fill(torch.eye(2 * N, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
+    positive = torch.arange(2 * N, device=z.device).roll(N)  # anchor i's positive: i + N, or i - N
+    # l(i, j) = -log softmax over k != i of s_ik / tau, taken at the positive j
+    return F.cross_entropy(s, positive)
+
+
+def train(args):
+    run = Run(args, "simclr")
+    dev = run.device
+    data = load_data(args, dev)
+    f = backbone(args.arch, args.image_size).to(dev)
+    g = projection_head(f.dim, args.proj_dim).to(dev)
+    lr = args.base_lr * args.batch_size / 256
+    optimizer = LARS(exclude_bias_and_norm(f, g), lr=lr, weight_decay=args.weight_decay,
+                     momentum=args.momentum)
+    s = args.jitter_strength  # App. A: brightness, contrast, saturation 0.8 s, hue 0.2 s
+    view = Recipe(size=args.image_size, scale=args.crop_scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
+                  jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p)
+    steps = data.steps_per_epoch(args)
+    total, warmup = args.epochs * steps, args.warmup_epochs * steps
+    start, metrics = 0, {}
+    state = run.load()
+    if state:
+        f.load_state_dict(state["f"]), g.load_state_dict(state["g"]), optimizer.load_state_dict(state["optimizer"])
+        set_rng_state(state["rng"])
+        start, metrics = state["epoch"], state["metrics"]
+    elif args.eval_every > 0:  # the network at initialization, for comparison
+        metrics = run.log({"epoch": 0, **evaluate(f, data, args, {"z": g})})
+
+    for epoch in range(start, args.epochs):
+        for step, idx in run.batches(len(data.ssl_x), args.batch_size, steps):
+            for group in optimizer.param_groups:
+                group["lr"] = cosine_lr(epoch * steps + step, total, lr, warmup)
+            x = data.ssl_x[idx]
+            # Alg. step: two augmentations t, t' ~ T of every example x_k
+            x1, x2 = data.normalize(augment(x, view)), data.normalize(augment(x, view))
+            with run.autocast():
+                # Alg. step: representations h = f(x~) of all 2N views (one pass: BN over all of them)
+                h = f(torch.cat([x1, x2]))
+                # Alg. step: projections z = g(h)
+                z1, z2 = g(h).chunk(2)
+            # Alg. step: pairwise similarities s_ij and L = mean over 2N anchors of l(i, j) (Eq. 1)
+            L = nt_xent(z1, z2, args.temperature)
+            # Alg. step: update f and g to minimize L
+            optimizer.zero_grad(set_to_none=True)
+            L.backward()
+            optimizer.step()
+            run.step(epoch, step, steps, L, len(idx))
+
+        record = {"epoch": epoch + 1, **run.epoch_stats()}
+        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
+            record.update(evaluate(f, data, args, {"z": g}))
+        metrics.update(run.log(record))
+        run.save({"method": "simclr", "args": vars(args), "epoch": epoch + 1, "f": f.state_dict(),
+                  "g": g.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
+                  "metrics": metrics}, f)
+
+    # Alg. step: keep the encoder f, throw g away (evaluation below uses h = f(x))
+    if args.probe_epochs > 0:
+        metrics["linear_top1"] = probe(f, data, args)
+    return run.finish(metrics)
+
+
+if __name__ == "__main__":
+    train(parse_args(Args))
