@@ -46,13 +46,14 @@ Deviations from the paper:
 import copy
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate,
-                    exclude_bias_and_norm, load_data, parse_args, probe, rng_state, set_rng_state)
+from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate, exclude_bias_and_norm,
+                    load_data, parse_args, probe)
 
 
 @dataclass
@@ -106,12 +107,11 @@ def ema_update(target, online, tau):
 
 def train(args):
     run = Run(args, "byol")
-    dev = run.device
-    data = load_data(args, dev)
+    data = load_data(args, run.device)
     encoder = backbone(args.arch, args.image_size)
     # online network theta: encoder f, projector g (here), predictor q (below)
-    online = nn.Sequential(encoder, mlp(encoder.dim, args.proj_hidden, args.proj_dim)).to(dev)
-    q = mlp(args.proj_dim, args.pred_hidden, args.proj_dim).to(dev)
+    online = nn.Sequential(encoder, mlp(encoder.dim, args.proj_hidden, args.proj_dim)).to(run.device)
+    q = mlp(args.proj_dim, args.pred_hidden, args.proj_dim).to(run.device)
     # target network xi: encoder and projector, initialized as the online ones, never optimized
     target = copy.deepcopy(online).requires_grad_(False)
     lr = args.base_lr * args.batch_size / 256
@@ -121,20 +121,16 @@ def train(args):
                       jitter_p=args.jitter_p, gray_p=args.gray_p)
     T = Recipe(**common_aug, blur_p=args.blur_p[0], solarize_p=args.solarize_p[0])
     T_prime = Recipe(**common_aug, blur_p=args.blur_p[1], solarize_p=args.solarize_p[1])
-    steps = data.steps_per_epoch(args)
+    steps = run.steps_per_epoch(len(data.ssl_x))
     K, warmup = args.epochs * steps, args.warmup_epochs * steps
-    start, metrics = 0, {}
-    state = run.load()
-    if state:
-        online.load_state_dict(state["online"]), q.load_state_dict(state["q"])
-        target.load_state_dict(state["target"]), optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start, metrics = state["epoch"], state["metrics"]
-    elif args.eval_every > 0:  # the network at initialization, for comparison
-        metrics = run.log({"epoch": 0, **evaluate(encoder, data, args, {"z": online[1]})})
+    report = partial(evaluate, encoder, data, args, {"z": online[1]})  # kNN on f_theta, std of z
+    start = run.start(encoder, report, online=online, q=q, target=target, optimizer=optimizer)
+    # several GPUs: online and q average their gradients; the target (no gradients) stays outside
+    # DistributedDataParallel and, updated from identical online weights, stays identical too
+    online, q, target = run.distribute(online), run.distribute(q), run.distribute(target)
 
     for epoch in range(start, args.epochs):
-        for step, idx in run.batches(len(data.ssl_x), args.batch_size, steps):
+        for step, idx in run.batches(epoch):
             k = epoch * steps + step
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(k, K, lr, warmup)
@@ -158,19 +154,10 @@ def train(args):
             optimizer.step()
             # Alg. step: target update xi <- tau xi + (1 - tau) theta, tau ramped to 1
             ema_update(target, online, tau_schedule(k, K, args.tau_base))
-            run.step(epoch, step, steps, L, len(idx))
+            run.step(L, len(idx))
+        run.end_epoch(epoch, tau=tau_schedule((epoch + 1) * steps, K, args.tau_base))
 
-        record = {"epoch": epoch + 1, **run.epoch_stats(), "tau": tau_schedule(k + 1, K, args.tau_base)}
-        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            record.update(evaluate(encoder, data, args, {"z": online[1]}))
-        metrics.update(run.log(record))
-        run.save({"method": "byol", "args": vars(args), "epoch": epoch + 1, "online": online.state_dict(),
-                  "q": q.state_dict(), "target": target.state_dict(), "optimizer": optimizer.state_dict(),
-                  "rng": rng_state(), "metrics": metrics}, encoder)
-
-    if args.probe_epochs > 0:
-        metrics["linear_top1"] = probe(encoder, data, args)
-    return run.finish(metrics)
+    return run.finish(partial(probe, encoder, data, args))
 
 
 if __name__ == "__main__":

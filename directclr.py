@@ -61,21 +61,20 @@ Deviations from the paper:
     strength 0.5, no blur) with DirectCLR's temperature 0.1 (SimCLR's CIFAR run used 0.5), and
     SimCLR's augmentation instead of the official BYOL-style ImageNet one (blur, solarization).
   - d0 = 90 for a 512-d representation, rescaled from the official 360 of 2048 (above).
-  - One process: negatives come from the local batch. The official code gathers the embeddings of
-    all GPUs with gradient; multi-GPU gathering is not implemented here yet.
   - The two views go through f in two passes, so BN statistics are per view (as simsiam.py;
     SimCLR's code concatenates the views into one batch).
   - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
   - The loss is computed in float32 under bf16 autocast on CUDA (speed; no algorithmic change).
 """
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate,
-                    exclude_bias_and_norm, fail, load_data, parse_args, probe, rng_state, set_rng_state)
+from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate, exclude_bias_and_norm,
+                    fail, gather_with_grad, load_data, parse_args, probe, rank, unwrap)
 
 PROJECTORS = ("direct", "mlp", "linear", "none")
 
@@ -132,12 +131,15 @@ def directclr_loss(r1, r2, d0, tau):
         L = 1/(2N) sum_i [ -log( e^{s_ii} / sum_j e^{s_ij} ) - log( e^{s_ii} / sum_j e^{s_ji} ) ]
           = InfoNCE(z1, z2)/2 + InfoNCE(z2, z1)/2
     Each anchor: its positive and the N - 1 other images of the other side (no same-side
-    negatives, unlike SimCLR's 2N - 2). Only r[:, :d0] receives gradient. Computed in float32."""
+    negatives, unlike SimCLR's 2N - 2). Only r[:, :d0] receives gradient. Computed in float32.
+    Under torchrun the rows are this rank's share and j runs over the whole global batch, whose
+    other-side views are gathered with gradient (common.gather_with_grad)."""
     z1 = F.normalize(r1[:, :d0].float(), dim=1)
     z2 = F.normalize(r2[:, :d0].float(), dim=1)
-    s = z1 @ z2.T / tau  # s[i, j]: anchor i of view 1 against image j of view 2
-    positives = torch.arange(len(s), device=s.device)  # from the actual batch, not a nominal size
-    return F.cross_entropy(s, positives) / 2 + F.cross_entropy(s.T, positives) / 2
+    positives = torch.arange(len(z1), device=z1.device) + rank() * len(z1)  # image i in the global batch
+    s12 = z1 @ gather_with_grad(z2).T / tau  # s[i, j]: anchor i of view 1 against image j of view 2
+    s21 = z2 @ gather_with_grad(z1).T / tau  # and the other way round
+    return F.cross_entropy(s12, positives) / 2 + F.cross_entropy(s21, positives) / 2
 
 
 def train(args):
@@ -160,21 +162,13 @@ def train(args):
     s = args.jitter_strength  # SimCLR App. A: brightness, contrast, saturation 0.8 s, hue 0.2 s
     view = Recipe(size=args.image_size, scale=args.crop_scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
                   jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p)
-    steps = data.steps_per_epoch(args)
-    start, metrics = 0, {}
-    state = run.load()
-    if state:
-        old = state["args"]
-        if (old["projector"], old["d0"]) != (args.projector, args.d0):
-            fail(f"--resume: that run used --projector {old['projector']} --d0 {old['d0']}; pass the same values")
-        f.load_state_dict(state["f"]), g.load_state_dict(state["g"]), optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start, metrics = state["epoch"], state["metrics"]
-    elif args.eval_every > 0:  # the network at initialization, for comparison
-        metrics = run.log({"epoch": 0, "d0": d0, **evaluate(f, data, args, heads)})
+    steps = run.steps_per_epoch(len(data.ssl_x))
+    report = partial(evaluate, f, data, args, heads)  # kNN on r, spectra of r and z
+    start = run.start(f, report, f=f, g=g, optimizer=optimizer)
+    f, g = run.distribute(f), run.distribute(g)
 
     for epoch in range(start, args.epochs):
-        for step, idx in run.batches(len(data.ssl_x), args.batch_size, steps):
+        for step, idx in run.batches(epoch):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(epoch * steps + step, args.epochs * steps, lr, args.warmup_epochs * steps)
             x = data.ssl_x[idx]
@@ -191,19 +185,10 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             L.backward()
             optimizer.step()
-            run.step(epoch, step, steps, L, len(idx))
+            run.step(L, len(idx))
+        run.end_epoch(epoch, d0=d0)
 
-        record = {"epoch": epoch + 1, **run.epoch_stats()}
-        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            record.update(evaluate(f, data, args, heads))
-        metrics.update(run.log(record))
-        run.save({"method": "directclr", "args": vars(args), "epoch": epoch + 1, "f": f.state_dict(),
-                  "g": g.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                  "metrics": metrics}, f)
-
-    if args.probe_epochs > 0:
-        metrics["linear_top1"] = probe(f, data, args)
-    return run.finish(metrics)
+    return run.finish(partial(probe, unwrap(f), data, args))
 
 
 if __name__ == "__main__":

@@ -34,19 +34,18 @@ Deviations from the paper:
     SimSiam's MLPs it makes training with small batches stable.
   - Both views go through f and g in one pass of 2N images, so BN statistics are taken over all
     2N views, as the paper's global BN does over all devices (Sec. 2.2).
-  - Single process: with several GPUs the negatives would have to be gathered with gradient
-    across them; this file runs on one device.
   - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
   - The loss is computed in float32 under bf16 autocast on CUDA (speed; no algorithmic change).
 """
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate,
-                    exclude_bias_and_norm, load_data, parse_args, probe, rng_state, set_rng_state)
+from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate, exclude_bias_and_norm,
+                    gather_with_grad, load_data, parse_args, probe, rank, unwrap, world_size)
 
 
 @dataclass
@@ -78,41 +77,40 @@ def projection_head(dim, out_dim):
 def nt_xent(z1, z2, tau):
     """L of Algorithm 1 (NT-Xent, Eq. 1): views z1[k], z2[k] of example k form the positive pair;
     each of the 2N views is an anchor whose 2N - 2 negatives are all views of the other examples;
-    the mean over the 2N anchors. N is taken from the inputs, so any batch size works."""
+    the mean over the 2N anchors. N is taken from the inputs, so any batch size works.
+    Under torchrun the N examples are this rank's share: its 2N anchors are compared with the
+    views of the whole global batch, gathered with gradient (common.gather_with_grad)."""
     N = len(z1)
-    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # 2N x d, row k and row k + N are a pair
-    s = z @ z.T / tau  # s_ij / tau for all pairs
-    s = s.masked_fill(torch.eye(2 * N, dtype=torch.bool, device=z.device), float("-inf"))  # k != i
-    positive = torch.arange(2 * N, device=z.device).roll(N)  # anchor i's positive: i + N, or i - N
+    z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # this rank's 2N anchors: k and k + N a pair
+    z_all = F.normalize(torch.cat([gather_with_grad(z1), gather_with_grad(z2)]).float(), dim=1)  # 2NW x d
+    s = z @ z_all.T / tau  # s_ij / tau for every anchor i and every view j of the global batch
+    M = N * world_size()  # global number of examples: view j of z_all pairs with j + M
+    own = torch.cat([torch.arange(N), torch.arange(N) + M]).to(z.device) + rank() * N  # anchor i in z_all
+    s = s.scatter(1, own.view(-1, 1), float("-inf"))  # leave out k = i
+    positive = (own + M) % (2 * M)  # anchor i's positive: the other view of the same example
     # l(i, j) = -log softmax over k != i of s_ik / tau, taken at the positive j
     return F.cross_entropy(s, positive)
 
 
 def train(args):
     run = Run(args, "simclr")
-    dev = run.device
-    data = load_data(args, dev)
-    f = backbone(args.arch, args.image_size).to(dev)
-    g = projection_head(f.dim, args.proj_dim).to(dev)
+    data = load_data(args, run.device)
+    f = backbone(args.arch, args.image_size).to(run.device)
+    g = projection_head(f.dim, args.proj_dim).to(run.device)
     lr = args.base_lr * args.batch_size / 256
     optimizer = LARS(exclude_bias_and_norm(f, g), lr=lr, weight_decay=args.weight_decay,
                      momentum=args.momentum)
     s = args.jitter_strength  # App. A: brightness, contrast, saturation 0.8 s, hue 0.2 s
     view = Recipe(size=args.image_size, scale=args.crop_scale, jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s),
                   jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p)
-    steps = data.steps_per_epoch(args)
+    steps = run.steps_per_epoch(len(data.ssl_x))
     total, warmup = args.epochs * steps, args.warmup_epochs * steps
-    start, metrics = 0, {}
-    state = run.load()
-    if state:
-        f.load_state_dict(state["f"]), g.load_state_dict(state["g"]), optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start, metrics = state["epoch"], state["metrics"]
-    elif args.eval_every > 0:  # the network at initialization, for comparison
-        metrics = run.log({"epoch": 0, **evaluate(f, data, args, {"z": g})})
+    report = partial(evaluate, f, data, args, {"z": g})  # kNN on h = f(x), diagnostics of h and z
+    start = run.start(f, report, f=f, g=g, optimizer=optimizer)
+    f, g = run.distribute(f), run.distribute(g)
 
     for epoch in range(start, args.epochs):
-        for step, idx in run.batches(len(data.ssl_x), args.batch_size, steps):
+        for step, idx in run.batches(epoch):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(epoch * steps + step, total, lr, warmup)
             x = data.ssl_x[idx]
@@ -129,20 +127,11 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             L.backward()
             optimizer.step()
-            run.step(epoch, step, steps, L, len(idx))
+            run.step(L, len(idx))
+        run.end_epoch(epoch)
 
-        record = {"epoch": epoch + 1, **run.epoch_stats()}
-        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            record.update(evaluate(f, data, args, {"z": g}))
-        metrics.update(run.log(record))
-        run.save({"method": "simclr", "args": vars(args), "epoch": epoch + 1, "f": f.state_dict(),
-                  "g": g.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                  "metrics": metrics}, f)
-
-    # Alg. step: keep the encoder f, throw g away (evaluation below uses h = f(x))
-    if args.probe_epochs > 0:
-        metrics["linear_top1"] = probe(f, data, args)
-    return run.finish(metrics)
+    # Alg. step: keep the encoder f, throw g away (evaluation uses h = f(x))
+    return run.finish(partial(probe, unwrap(f), data, args))
 
 
 if __name__ == "__main__":

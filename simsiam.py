@@ -31,13 +31,13 @@ Deviations from the paper:
     per view (concatenating them changes the method).
 """
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate,
-                    load_data, parse_args, probe, rng_state, set_rng_state)
+from common import Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate, load_data, parse_args, probe
 
 
 @dataclass
@@ -83,29 +83,23 @@ def D(p, z, stop_grad=True):
 
 def train(args):
     run = Run(args, "simsiam")
-    dev = run.device
-    data = load_data(args, dev)
+    data = load_data(args, run.device)
     encoder = backbone(args.arch, args.image_size)
-    f = nn.Sequential(encoder, projector(encoder.dim, args.proj_dim)).to(dev)
-    h = (predictor(args.proj_dim, args.pred_hidden) if args.predictor else nn.Identity()).to(dev)
+    f = nn.Sequential(encoder, projector(encoder.dim, args.proj_dim)).to(run.device)
+    h = (predictor(args.proj_dim, args.pred_hidden) if args.predictor else nn.Identity()).to(run.device)
     lr = args.base_lr * args.batch_size / 256
     optimizer = torch.optim.SGD([{"params": f.parameters(), "fixed_lr": False},
                                  {"params": h.parameters(), "fixed_lr": args.fix_pred_lr}],
                                 lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
     view = Recipe(size=args.image_size, scale=args.crop_scale, jitter=args.jitter, jitter_p=args.jitter_p,
                   gray_p=args.gray_p, blur_p=args.blur_p)
-    steps = data.steps_per_epoch(args)
-    start, metrics = 0, {}
-    state = run.load()
-    if state:
-        f.load_state_dict(state["f"]), h.load_state_dict(state["h"]), optimizer.load_state_dict(state["optimizer"])
-        set_rng_state(state["rng"])
-        start, metrics = state["epoch"], state["metrics"]
-    elif args.eval_every > 0:  # the network at initialization, for comparison
-        metrics = run.log({"epoch": 0, **evaluate(encoder, data, args, {"z": f[1]})})
+    steps = run.steps_per_epoch(len(data.ssl_x))
+    report = partial(evaluate, encoder, data, args, {"z": f[1]})  # kNN on f's backbone, std of z
+    start = run.start(encoder, report, f=f, h=h, optimizer=optimizer)
+    f, h = run.distribute(f), run.distribute(h)
 
     for epoch in range(start, args.epochs):
-        for step, idx in run.batches(len(data.ssl_x), args.batch_size, steps):
+        for step, idx in run.batches(epoch):
             for group in optimizer.param_groups:
                 group["lr"] = lr if group["fixed_lr"] else cosine_lr(epoch * steps + step, args.epochs * steps, lr)
             x = data.ssl_x[idx]
@@ -122,19 +116,10 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             L.backward()
             optimizer.step()
-            run.step(epoch, step, steps, L, len(idx))
+            run.step(L, len(idx))
+        run.end_epoch(epoch)
 
-        record = {"epoch": epoch + 1, **run.epoch_stats()}
-        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            record.update(evaluate(encoder, data, args, {"z": f[1]}))
-        metrics.update(run.log(record))
-        run.save({"method": "simsiam", "args": vars(args), "epoch": epoch + 1, "f": f.state_dict(),
-                  "h": h.state_dict(), "optimizer": optimizer.state_dict(), "rng": rng_state(),
-                  "metrics": metrics}, encoder)
-
-    if args.probe_epochs > 0:
-        metrics["linear_top1"] = probe(encoder, data, args)
-    return run.finish(metrics)
+    return run.finish(partial(probe, encoder, data, args))
 
 
 if __name__ == "__main__":

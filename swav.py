@@ -54,18 +54,17 @@ Deviations from the paper:
   - LARS trust coefficient 0.001 as in SwAV, not the CIFAR recipe's 0.02: that recipe clips the
     trust ratio (LARC), common.LARS does not, and unclipped 0.02 steps collapsed short runs to
     uniform codes (loss ln K). Cosine decay to 0 (SwAV: to base lr / 1000).
-  - Single process only: in multi-GPU runs Sinkhorn's sums over samples must be all-reduced
-    (log_sum(), dim=1), not implemented yet.
 """
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate, exclude_bias_and_norm,
-                    fail, load_data, parse_args, probe, rng_state, set_rng_state)
+from common import (LARS, Recipe, Run, RunArgs, all_reduce, augment, backbone, cosine_lr, evaluate,
+                    exclude_bias_and_norm, fail, load_data, parse_args, probe, unwrap, world_size)
 
 
 @dataclass
@@ -120,12 +119,17 @@ def normalize_prototypes(C):
     C.weight.copy_(F.normalize(C.weight, dim=1))
 
 
-def log_sum(log_x, dim):
-    """log(sum(exp(log_x))) along dim, with the max subtracted before exp so that nothing overflows.
-    Multi-GPU (later): for dim=1, the sum over the batch's samples, the max is all-reduced with MAX
-    and the sum of exp with SUM across processes; this is the only place that needs it."""
+def log_sum(log_x, dim, over_ranks=False):
+    """log(sum(exp(log_x))) along dim, with the max subtracted before exp so that nothing
+    overflows. over_ranks: the sum also runs over the rows of every rank (torchrun), for the sums
+    over the samples of the global batch: the max and the sum are all-reduced."""
     m = log_x.amax(dim=dim, keepdim=True)
-    return m + (log_x - m).exp().sum(dim=dim, keepdim=True).log()
+    if over_ranks:
+        m = all_reduce(m, "max")
+    total = (log_x - m).exp().sum(dim=dim, keepdim=True)
+    if over_ranks:
+        total = all_reduce(total)
+    return m + total.log()
 
 
 @torch.no_grad()
@@ -133,11 +137,13 @@ def sinkhorn(scores, eps=0.05, niters=3):
     """Codes Q for scores B x K (Sec. 3.1, Alg. 1): Q = Diag(u) exp(scores / eps)^T Diag(v), the
     Sinkhorn-Knopp iterations scale the rows (prototypes) to 1/K and the columns (samples) to 1/B,
     so that the batch is split equally among the prototypes. Returns B x K, each row a
-    distribution over the prototypes. No gradient; float32 in the log domain (see log_sum)."""
-    B, K = scores.shape
+    distribution over the prototypes. No gradient; float32 in the log domain (see log_sum).
+    Under torchrun the B samples are this rank's share: the sums over samples and B itself run
+    over the global batch, so the codes equal those of one process holding all the scores."""
+    K, B = scores.shape[1], len(scores) * world_size()  # B: samples in the global batch
     log_Q = scores.float().T / eps  # K x B: Q = exp(scores / eps)^T, kept as log Q
     for _ in range(niters):
-        log_Q = log_Q - log_sum(log_Q, dim=1) - math.log(K)  # every prototype gets 1/K of the mass
+        log_Q = log_Q - log_sum(log_Q, dim=1, over_ranks=True) - math.log(K)  # every prototype gets 1/K
         log_Q = log_Q - log_sum(log_Q, dim=0) - math.log(B)  # every sample gets 1/B
     return (log_Q + math.log(B)).exp().T  # times B: each sample's code sums to 1
 
@@ -162,10 +168,25 @@ def swav_loss(scores, n_global, temperature=0.1, eps=0.05, niters=3, queue_score
     return loss / pairs
 
 
-def enqueue(queue, z, length):
-    """First in, first out: the batch's features z (n_global x B x D) go in front of the queue
-    (n_global x L x D); beyond `length` the oldest drop out."""
-    return torch.cat([z.detach().float(), queue], dim=1)[:, :length]
+class Queue(nn.Module):
+    """The queue (Sec. 3.1, small batches): the features z of the full-resolution crops of the
+    last `length` samples, newest first, one queue per crop (n_global x L x D), L growing to
+    `length`. A module so that checkpoints save it with the rest of the state. Under torchrun
+    each rank keeps its own."""
+
+    def __init__(self, n_global, length, dim, device=None):
+        super().__init__()
+        self.length, self.z = length, torch.zeros(n_global, 0, dim, device=device)
+
+    def push(self, z):
+        """First in, first out: the batch's z (n_global x B x D) in front, beyond `length` the oldest out."""
+        self.z = torch.cat([z.detach().float(), self.z], dim=1)[:, :self.length]
+
+    def get_extra_state(self):
+        return self.z
+
+    def set_extra_state(self, z):
+        self.z = z
 
 
 def train(args):
@@ -183,21 +204,15 @@ def train(args):
     colour = dict(jitter=args.jitter, jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p)
     global_view = Recipe(size=args.image_size, scale=args.global_scale, **colour)
     small_view = Recipe(size=args.small_size, scale=args.small_scale, **colour)
-    queue = torch.zeros(args.n_global, 0, args.feat_dim, device=dev)  # grows to queue_length
-    steps = data.steps_per_epoch(args)
-    start, metrics = 0, {}
-    state = run.load()
-    if state:
-        f.load_state_dict(state["f"]), C.load_state_dict(state["C"]), optimizer.load_state_dict(state["optimizer"])
-        queue = state["queue"]
-        set_rng_state(state["rng"])
-        start, metrics = state["epoch"], state["metrics"]
-    elif args.eval_every > 0:  # the network at initialization, for comparison
-        metrics = run.log({"epoch": 0, **evaluate(encoder, data, args, {"z": f[1]})})
+    queue = Queue(args.n_global, args.queue_length, args.feat_dim, run.device)
+    steps = run.steps_per_epoch(len(data.ssl_x))
+    report = partial(evaluate, encoder, data, args, {"z": f[1]})  # kNN on the backbone, std of z
+    start = run.start(encoder, report, f=f, C=C, queue=queue, optimizer=optimizer)
+    f, C = run.distribute(f), run.distribute(C)
 
     for epoch in range(start, args.epochs):
         use_queue = args.queue_length > 0 and epoch >= args.queue_start_epoch
-        for step, idx in run.batches(len(data.ssl_x), args.batch_size, steps):
+        for step, idx in run.batches(epoch):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(epoch * steps + step, args.epochs * steps, lr, args.warmup_epochs * steps)
             x, B = data.ssl_x[idx], len(idx)
@@ -212,7 +227,7 @@ def train(args):
             # Alg. step: scores z C against the prototypes, one B x K block per crop
             scores = list(C(z).split(B))
             with torch.no_grad():  # the queue: past features of each global crop, scored by today's C
-                queue_scores = [C(past) for past in queue] if use_queue else None
+                queue_scores = [unwrap(C)(past) for past in queue.z] if use_queue else None
             # Alg. step: codes q of the full-resolution crops (Sinkhorn, no gradient), predictions
             # p = softmax(scores / temperature), swapped-prediction loss over all crop pairs
             L = swav_loss(scores, args.n_global, args.temperature, args.eps, args.sinkhorn_iters, queue_scores)
@@ -220,25 +235,16 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             L.backward()
             if epoch < args.freeze_prototypes_epochs:
-                C.weight.grad = None  # no gradient: LARS leaves C as it is (no decay, no momentum)
+                unwrap(C).weight.grad = None  # no gradient: LARS leaves C as it is (no decay, no momentum)
             optimizer.step()
             # Alg. step: normalize the prototypes to unit length
-            normalize_prototypes(C)
+            normalize_prototypes(unwrap(C))
             # the queue: this batch's features of the full-resolution crops in, the oldest out
-            queue = enqueue(queue, z[:args.n_global * B].view(args.n_global, B, -1), args.queue_length)
-            run.step(epoch, step, steps, L, B)
+            queue.push(z[:args.n_global * B].view(args.n_global, B, -1))
+            run.step(L, B)
+        run.end_epoch(epoch)
 
-        record = {"epoch": epoch + 1, **run.epoch_stats()}
-        if args.eval_every > 0 and ((epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs):
-            record.update(evaluate(encoder, data, args, {"z": f[1]}))
-        metrics.update(run.log(record))
-        run.save({"method": "swav", "args": vars(args), "epoch": epoch + 1, "f": f.state_dict(),
-                  "C": C.state_dict(), "optimizer": optimizer.state_dict(), "queue": queue,
-                  "rng": rng_state(), "metrics": metrics}, encoder)
-
-    if args.probe_epochs > 0:
-        metrics["linear_top1"] = probe(encoder, data, args)
-    return run.finish(metrics)
+    return run.finish(partial(probe, encoder, data, args))
 
 
 if __name__ == "__main__":

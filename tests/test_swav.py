@@ -108,11 +108,14 @@ def test_no_gradient_flows_through_the_codes():
 
 
 def test_queue_is_first_in_first_out_and_joins_sinkhorn():
-    queue = torch.zeros(2, 0, 3)
+    queue = swav.Queue(n_global=2, length=6, dim=3)
     for t in range(5):  # batches of 2 features per global crop, valued by their step
-        queue = swav.enqueue(queue, torch.full((2, 2, 3), float(t)), length=6)
-    assert queue.shape == (2, 6, 3)
-    assert queue[0, :, 0].tolist() == [4, 4, 3, 3, 2, 2]  # newest first, steps 0 and 1 dropped
+        queue.push(torch.full((2, 2, 3), float(t)))
+    assert queue.z.shape == (2, 6, 3)
+    assert queue.z[0, :, 0].tolist() == [4, 4, 3, 3, 2, 2]  # newest first, steps 0 and 1 dropped
+    restored = swav.Queue(2, 6, 3)
+    restored.load_state_dict(queue.state_dict())  # saved in checkpoints with the rest of the state
+    assert torch.equal(restored.z, queue.z)
     # with the queue: Sinkhorn over batch + queue, only the batch's rows of Q are kept
     g = torch.Generator().manual_seed(5)
     scores = [torch.randn(4, 6, generator=g) for _ in range(3)]
@@ -135,16 +138,19 @@ def tiny_run(out, *flags):
                                   "--n-small", "1", "--jitter-p", "0", "--gray-p", "0", "--warmup-epochs", "0",
                                   "--base-lr", "4", "--lars-eta", "0.02", "--log-every", "1000",
                                   "--out-dir", str(out), *flags])
-    swav.train(args)
+    try:
+        swav.train(args)
+    except SystemExit as e:  # --stop-epoch
+        assert e.code == 0
     run_dir = next(out.iterdir())
     records = [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"final"' not in line]
     return records, torch.load(run_dir / "checkpoint.pt", weights_only=False), run_dir
 
 
 def test_prototypes_frozen_then_updated_and_always_unit_norm(tmp_path):
-    _, first, run_dir = tiny_run(tmp_path, "--epochs", "1", "--freeze-prototypes-epochs", "2")
-    _, second, _ = tiny_run(tmp_path, "--epochs", "2", "--freeze-prototypes-epochs", "2", "--resume", str(run_dir))
-    _, third, _ = tiny_run(tmp_path, "--epochs", "3", "--freeze-prototypes-epochs", "2", "--resume", str(run_dir))
+    _, first, run_dir = tiny_run(tmp_path, "--epochs", "3", "--freeze-prototypes-epochs", "2", "--stop-epoch", "1")
+    _, second, _ = tiny_run(tmp_path, "--stop-epoch", "2", "--resume", str(run_dir))
+    _, third, _ = tiny_run(tmp_path, "--resume", str(run_dir))
     C1, C2, C3 = (s["C"]["weight"] for s in (first, second, third))
     torch.testing.assert_close(C2, C1, atol=1e-6, rtol=0)  # epoch 2: frozen
     assert (C3 - C2).abs().max() > 1e-4  # epoch 3: updated
@@ -152,7 +158,7 @@ def test_prototypes_frozen_then_updated_and_always_unit_norm(tmp_path):
     assert (f2 - f1).abs().max() > 1e-4  # the network trained meanwhile
     for C in (C1, C2, C3):
         torch.testing.assert_close(C.norm(dim=1), torch.ones(len(C)))
-    assert third["epoch"] == 3 and third["queue"].shape == (2, 3 * 16, 16)  # saved, grows with each batch
+    assert third["epoch"] == 3 and third["queue"]["_extra_state"].shape == (2, 3 * 16, 16)  # saved, grows with each batch
 
 
 def test_queue_changes_the_codes_only_once_active(tmp_path):
@@ -161,7 +167,7 @@ def test_queue_changes_the_codes_only_once_active(tmp_path):
     late, state, _ = tiny_run(tmp_path / "late", *flags, "--queue-length", "24", "--queue-start-epoch", "1")
     assert late[0]["loss"] == without[0]["loss"]  # epoch 1: queue filling, not used
     assert late[1]["loss"] != without[1]["loss"]  # epoch 2: the queue joins Sinkhorn
-    assert state["queue"].shape == (2, 24, 16)  # 2 batches of 16 in, cut to the length
+    assert state["queue"]["_extra_state"].shape == (2, 24, 16)  # 2 batches of 16 in, cut to the length
 
 
 def run_cli(*args, timeout=300):
