@@ -12,7 +12,8 @@
     python benchmarks/figures.py --runs-from benchmarks/figures/runs    # redraw, no training
     python benchmarks/figures.py --preset cpu --epochs 12               # other flags go to every run
 
-matplotlib is needed by this script only (pip install matplotlib), not by the methods.
+matplotlib is needed by this script only (pip install matplotlib), not by the methods. On a CPU shared
+with other jobs, OMP_NUM_THREADS=1 runs several times faster (threads spin-waiting for each other).
 """
 import argparse
 import dataclasses
@@ -146,6 +147,7 @@ def plot(ax, records, key, i, label, style=".-"):
 def save(plt, fig, path, title):
     fig.suptitle(title)
     for ax in fig.axes:
+        ax.xaxis.set_major_locator(plt.MaxNLocator(integer=True))  # epochs and indices
         ax.set_xlabel(ax.get_xlabel() or "epoch")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
@@ -233,8 +235,8 @@ def write_summary(runs, runs_dir, out, drawn_by):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                epilog="Any other --flag goes to every run (it must be a flag all five methods have).")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False, epilog="Other --flags go to every run (all five must have them).")
     p.add_argument("--preset", choices=("cpu", "gpu"), default="cpu", help="run sizes (see PRESETS)")
     p.add_argument("--tiny", action="store_true", help="seconds-long runs on small synthetic images (tests)")
     p.add_argument("--dataset", help="replaces the preset's dataset (folder | synthetic | cifar10 ...)")

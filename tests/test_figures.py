@@ -54,3 +54,19 @@ def test_runs_from_a_missing_folder_is_a_one_line_error(tmp_path):
     pytest.importorskip("matplotlib")
     out = figures("--runs-from", str(tmp_path / "nothing"), timeout=60)
     assert out.returncode != 0 and out.stderr.strip().count("\n") == 0 and "not a folder" in out.stderr
+
+
+def test_every_preset_setting_reaches_a_method():
+    """flags() keeps only the settings a method's Args has: a renamed field must not vanish silently."""
+    import dataclasses
+    import importlib
+    sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]
+    import figures
+    fields = {m: {f.name for f in dataclasses.fields(importlib.import_module(m).Args)}
+              for m in ("simsiam", "byol", "simclr", "swav", "directclr")}
+    for preset in figures.PRESETS.values():
+        for key, value in {**figures.COMMON, **preset}.items():
+            if key in fields:  # a method's own settings
+                assert set(value) <= fields[key], (key, value)
+            elif key != "subset":
+                assert any(key in f for f in fields.values()), key
