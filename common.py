@@ -311,9 +311,10 @@ class Run:
               file=sys.stderr, flush=True)
 
 
-# may differ between a run and its --resume: they do not change what the run computes
+# may differ between a run and its --resume: they do not change what the run computes, except
+# base_lr (to go on from the last good checkpoint with a lower rate after the loss diverged)
 RESUME_MAY_CHANGE = ("resume", "out_dir", "data_dir", "stop_epoch", "eval_every", "log_every", "probe_epochs",
-                     "knn_k", "knn_t", "smoke")
+                     "knn_k", "knn_t", "smoke", "base_lr")
 
 
 def adopt_saved_args(args, method, path):
