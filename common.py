@@ -49,7 +49,7 @@ class RunArgs:
     smoke: bool = False  # tiny run on synthetic data with the small backbone, same code path
 
 
-SMOKE = dict(dataset="synthetic", arch="small", epochs=2, batch_size=64, eval_every=1,
+SMOKE = dict(dataset="synthetic", arch="small", epochs=2, batch_size=64, eval_every=2,
              steps_per_epoch=8, probe_epochs=5, log_every=4)
 
 

@@ -135,4 +135,4 @@ def test_short_run_keeps_class_information_without_collapse(method, tmp_path):
           "kNN at init", init["knn_top1"])
     assert math.isfinite(end["loss"]) and end["knn_top1"] > 70
     if dim:
-        assert end["std_z"] > 0.3 / math.sqrt(dim) and end["rank_z"] > 10
+        assert end["std_z"] > 0.2 / math.sqrt(dim) and end["rank_z"] > 10  # collapsed: 0 and 1
