@@ -4,6 +4,8 @@ NeurIPS 2020. https://arxiv.org/abs/2006.07733
 
     python byol.py                                     # CIFAR-10 recipe (ResNet-18, 1000 epochs)
     python byol.py --smoke                             # a few steps on synthetic data, CPU, < 1 min
+    torchrun --nproc_per_node=8 byol.py                # 8 GPUs: DDP + SyncBN, --batch-size is global
+    python byol.py --resume runs/<run folder>          # go on after a stop, Ctrl-C or crash
     python byol.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
     python byol.py --tau-base 1                        # Sec. 5: target never updated, stays random
     python byol.py --help                              # every hyper-parameter and its source

@@ -3,6 +3,8 @@ Li Jing, Pascal Vincent, Yann LeCun and Yuandong Tian, ICLR 2022. https://arxiv.
 
     python directclr.py                                # DirectCLR on CIFAR-10, ResNet-18, SimCLR's CIFAR recipe
     python directclr.py --smoke                        # a few steps on synthetic data, CPU, < 1 min
+    torchrun --nproc_per_node=8 directclr.py           # 8 GPUs: DDP + SyncBN, --batch-size is global
+    python directclr.py --resume runs/<run folder>     # go on after a stop, Ctrl-C or crash
     python directclr.py --projector mlp                # the paper's comparison: direct | mlp | linear | none
     python directclr.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
     python directclr.py --help                         # every hyper-parameter and its source

@@ -4,6 +4,8 @@ https://arxiv.org/abs/2002.05709
 
     python simclr.py                                   # CIFAR-10 recipe of App. B.9 (ResNet-18, 1000 epochs)
     python simclr.py --smoke                           # a few steps on synthetic data, CPU, < 1 min
+    torchrun --nproc_per_node=8 simclr.py              # 8 GPUs: DDP + SyncBN, --batch-size is global
+    python simclr.py --resume runs/<run folder>        # go on after a stop, Ctrl-C or crash
     python simclr.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
     python simclr.py --temperature 0.1                 # App. B.9: tau matters on CIFAR (0.5 was best)
     python simclr.py --help                            # every hyper-parameter and its source

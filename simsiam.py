@@ -3,6 +3,8 @@ Xinlei Chen and Kaiming He, CVPR 2021. https://arxiv.org/abs/2011.10566
 
     python simsiam.py                                  # CIFAR-10 recipe of App. D (ResNet-18, 800 epochs)
     python simsiam.py --smoke                          # a few steps on synthetic data, CPU, < 1 min
+    torchrun --nproc_per_node=8 simsiam.py             # 8 GPUs: DDP + SyncBN, --batch-size is global
+    python simsiam.py --resume runs/<run folder>       # go on after a stop, Ctrl-C or crash
     python simsiam.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
     python simsiam.py --no-stop-grad                   # Fig. 2: collapses
     python simsiam.py --help                           # every hyper-parameter and its source

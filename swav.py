@@ -4,6 +4,8 @@ NeurIPS 2020. https://arxiv.org/abs/2006.09882
 
     python swav.py                                     # CIFAR-10 recipe (ResNet-18, 1000 epochs, 2x32 + 4x16 crops)
     python swav.py --smoke                             # a few steps on synthetic data, CPU, < 1 min
+    torchrun --nproc_per_node=8 swav.py                # 8 GPUs: DDP + SyncBN, --batch-size is global
+    python swav.py --resume runs/<run folder>          # go on after a stop, Ctrl-C or crash
     python swav.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
     python swav.py --n-small 0 --global-scale 0.08 1   # the published 2-crop CIFAR-10 recipe
     python swav.py --help                              # every hyper-parameter and its source
