@@ -172,5 +172,6 @@ def test_smoke_directclr_logs_both_spectra_from_initialization_on(tmp_path):
     assert "knn_top1" in out.stdout.splitlines()[-2]
     records = read_metrics(tmp_path)
     init, final = records[0], records[-1]
-    assert init["epoch"] == 0 and init["d0"] == 90 and final["final"] is True
+    assert init["epoch"] == 0 and final["d0"] == 90 and final["final"] is True
+    assert len(init["spectrum_z"]) == 90 and len(init["spectrum_r"]) == 512
     assert len(final["spectrum_z"]) == 90 and len(final["spectrum_r"]) == 512

@@ -54,7 +54,11 @@ def test_distributed_sinkhorn_equals_one_process_on_the_concatenated_scores(rank
 
 @pytest.mark.parametrize("method", ["simsiam", "byol", "simclr", "swav", "directclr"])
 def test_torchrun_two_processes_smoke(method, tmp_path):
-    done = torchrun(f"{method}.py", "--smoke", "--out-dir", str(tmp_path))
+    """The full --smoke for SimCLR (evaluation on rank 0, broadcast to rank 1); training only for
+    the others, to keep the suite short."""
+    short = [] if method == "simclr" else ["--eval-every", "0", "--probe-epochs", "0"]
+    done = torchrun(f"{method}.py", "--smoke", *short, "--out-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]
     assert f"parameters identical on all {W} ranks" in done.stdout
-    assert "knn_top1" in done.stdout and "linear_top1" in done.stdout
+    if method == "simclr":
+        assert "knn_top1" in done.stdout and "linear_top1" in done.stdout
