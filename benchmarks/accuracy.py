@@ -27,18 +27,10 @@ import torch  # noqa: E402
 
 from common import parse_args  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # benchmarks/
+from throughput import device_name  # noqa: E402
+
 METHODS = ("simsiam", "byol", "simclr", "swav", "directclr")
-
-
-def device_name():
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            model = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
-    except (OSError, StopIteration):
-        model = "unknown CPU"
-    return f"{model} (CPU, {os.cpu_count()} cores, torch threads: {torch.get_num_threads()})"
 
 
 def hms(seconds):
