@@ -63,10 +63,12 @@ def short_run(tmp_path, *flags):
 def test_no_stop_grad_collapses(tmp_path):
     """The paper's Fig. 2 in small: same run with and without stop-gradient. Without it the loss
     falls fast, the std of the l2-normalized output z falls toward 0 and kNN drops. (Measured on
-    this CPU: loss -0.62 vs -0.02, std_z 0.0028 vs 0.021, kNN 54.6 vs 91.9.)
+    this CPU with the code before the epoch-0 BN fix of 2026-11-22: loss -0.62 vs -0.02, std_z
+    0.0028 vs 0.021, kNN 54.6 vs 91.9.)
     Not asserted here: that these 120 steps lift kNN above the network at initialization. A
-    --base-lr 0 control (weights fixed, only BN running statistics updated) reaches kNN 90.8,
-    so on this synthetic data nearly all of the rise from 75.7 is BN statistics, not learning."""
+    --base-lr 0 control (weights fixed, only BN running statistics updated) reached kNN 90.8
+    (same earlier code), so nearly all of the rise from 75.7 was BN statistics, not learning; the
+    epoch-0 evaluation now measures BN statistics first (91.7 on this data)."""
     flags = ["--epochs", "3", "--steps-per-epoch", "40", "--eval-every", "3", "--base-lr", "0.12"]
     end = short_run(tmp_path / "sg", *flags)[-1]
     end_bad = short_run(tmp_path / "nosg", *flags, "--no-stop-grad")[-1]
