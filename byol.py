@@ -103,8 +103,9 @@ def tau_schedule(k, K, tau_base):
 def ema_update(target, online, tau):
     """Eq. 1 (Sec. 3.1): xi <- tau xi + (1 - tau) theta for every parameter. Buffers (BN running
     statistics) are left to the target's own forward passes (see the module docstring)."""
-    for xi, theta in zip(target.parameters(), online.parameters()):
-        xi.mul_(tau).add_(theta.detach(), alpha=1 - tau)
+    xi, theta = list(target.parameters()), [p.detach() for p in online.parameters()]
+    torch._foreach_mul_(xi, tau)  # all tensors at once (one kernel launch per op, not per tensor)
+    torch._foreach_add_(xi, theta, alpha=1 - tau)
 
 
 def train(args):

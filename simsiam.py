@@ -92,7 +92,8 @@ def train(args):
     lr = args.base_lr * args.batch_size / 256
     optimizer = torch.optim.SGD([{"params": f.parameters(), "fixed_lr": False},
                                  {"params": h.parameters(), "fixed_lr": args.fix_pred_lr}],
-                                lr=lr, momentum=args.momentum, weight_decay=args.weight_decay)
+                                lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
+                                fused=run.device.type == "cuda" or None)  # one kernel for the whole step
     view = Recipe(size=args.image_size, scale=args.crop_scale, jitter=args.jitter, jitter_p=args.jitter_p,
                   gray_p=args.gray_p, blur_p=args.blur_p)
     steps = run.steps_per_epoch(len(data.ssl_x))

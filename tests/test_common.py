@@ -105,3 +105,9 @@ def test_backbone_state_dict_loads_into_torchvision_resnet():
     ref = resnet18()
     ref.conv1, ref.maxpool, ref.fc = nn.Conv2d(3, 64, 3, 1, 1, bias=False), nn.Identity(), nn.Identity()
     ref.load_state_dict(net.state_dict())
+
+
+def test_unwrap_sees_through_compile_and_returns_plain_modules():
+    net = torch.nn.Linear(3, 2)
+    assert common.unwrap(net) is net
+    assert common.unwrap(torch.compile(net)) is net  # wrapping only: nothing is compiled here

@@ -1,5 +1,6 @@
 """LARS: excluded parameters get plain SGD with momentum; the others get weight decay and the
-trust ratio, checked against a computation by hand."""
+trust ratio (1 where a norm is 0), checked tensor by tensor against a computation by hand (the
+optimizer itself updates all tensors of a group at once with torch._foreach ops)."""
 import torch
 
 from common import LARS, exclude_bias_and_norm
@@ -7,26 +8,34 @@ from common import LARS, exclude_bias_and_norm
 
 def test_lars_step_matches_hand_computation():
     torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4))
+    net = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 3),
+                              torch.nn.Linear(3, 2))  # the last layer is unused: no gradient, no update
+    with torch.no_grad():
+        net[2].weight.zero_()  # ||w|| = 0 at the first step: trust ratio 1
     groups = exclude_bias_and_norm(net)
-    assert [p.shape for p in groups[0]["params"]] == [torch.Size([4, 5])]
-    assert len(groups[1]["params"]) == 3  # linear bias, BN weight and bias
+    assert [p.shape for p in groups[0]["params"]] == [torch.Size([4, 5]), torch.Size([3, 4]), torch.Size([2, 3])]
+    assert len(groups[1]["params"]) == 5  # linear biases, BN weight and bias
     lr, wd, mom, eta = 0.5, 0.01, 0.9, 0.001
     opt = LARS(groups, lr=lr, weight_decay=wd, momentum=mom, eta=eta)
-    before = [p.detach().clone() for p in net.parameters()]
-    velocity = [torch.zeros_like(p) for p in net.parameters()]
-    for _ in range(2):
-        net(torch.randn(8, 5)).pow(2).sum().backward()
-        grads = [p.grad.clone() for p in net.parameters()]
+    used = list(net[:3].parameters())
+    before = [p.detach().clone() for p in used]
+    unused = [p.detach().clone() for p in net[3].parameters()]
+    velocity = [torch.zeros_like(p) for p in used]
+    for _ in range(3):
+        net[:3](torch.randn(8, 5)).pow(2).sum().backward()
+        grads = [p.grad.clone() for p in used]
         expected = []
         for i, (w, g) in enumerate(zip(before, grads)):
             if w.ndim > 1:  # adapted: weight decay, then trust ratio
                 g = g + wd * w
-                g = g * (eta * w.norm() / g.norm())
+                g = g * (eta * w.norm() / g.norm() if w.norm() > 0 and g.norm() > 0 else 1.0)
             velocity[i] = mom * velocity[i] + g  # excluded: plain SGD with momentum
             expected.append(w - lr * velocity[i])
         opt.step()
         opt.zero_grad()
-        for p, e in zip(net.parameters(), expected):
+        for p, e in zip(used, expected):
             torch.testing.assert_close(p.detach(), e)
-        before = [p.detach().clone() for p in net.parameters()]
+        before = [p.detach().clone() for p in used]
+    assert before[2].norm() > 0  # the zero weight moved
+    for p, u in zip(net[3].parameters(), unused):
+        assert torch.equal(p.detach(), u)

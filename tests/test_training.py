@@ -1,5 +1,6 @@
 """Every method file as a training run: exact resume after a stop, a Ctrl-C mid-epoch and a
-SIGKILL; a diverging loss stops cleanly; a short run keeps class information without collapse."""
+SIGKILL; --compile trains like eager; a diverging loss stops cleanly; a short run keeps class
+information without collapse."""
 import importlib
 import json
 import math
@@ -66,6 +67,17 @@ def test_stop_and_resume_follows_the_uninterrupted_run(method, tmp_path):
     resumed = checkpoint(train(method, tmp_path / "stopped", "--resume", str(run_dir)))
     assert resumed["epoch"] == straight["epoch"] == 2
     assert_same_state(straight, resumed)
+
+
+def test_compile_changes_speed_not_the_algorithm(tmp_path):
+    """--compile (torch.compile of the networks; inductor builds C++ kernels on CPU) ends the tiny
+    SimSiam run with the weights of the eager run, up to float rounding."""
+    eager = checkpoint(train("simsiam", tmp_path / "eager"))
+    compiled = checkpoint(train("simsiam", tmp_path / "compiled", "--compile"))
+    for net in ("f", "h"):
+        assert eager[net].keys() == compiled[net].keys()  # no wrapper prefix in the checkpoint
+        for name, t in eager[net].items():
+            torch.testing.assert_close(compiled[net][name], t, rtol=1e-3, atol=1e-3, msg=f"{net}.{name}")
 
 
 def cli(*args):
