@@ -170,7 +170,7 @@ def fig_simsiam(plt, runs, path):
     if d:
         ax[1].axhline(1 / math.sqrt(d), ls=":", color="gray", label=f"1/sqrt(d), d = {d}")
     ax[0].set(title="training loss (-cos, min -1)", ylabel="loss")
-    ax[1].set(title="std of l2-normalized z (0: collapsed)", ylabel="std")
+    ax[1].set(title="std of l2-normalized z (0: collapsed)", ylabel="std", ylim=(0, None))
     ax[2].set(title="kNN top-1 on backbone features", ylabel="accuracy (%)")
     save(plt, fig, path, "SimSiam Fig. 2: collapse without stop-gradient or predictor")
 
@@ -201,7 +201,8 @@ def fig_collapse(plt, runs, path):
             plot(ax[0], ev, lambda r: r["std_z"] * math.sqrt(d), i, f"{label} (d = {d})")
             plot(ax[1], ev, lambda r: r["rank_r"], i, f"{label}: r")
             plot(ax[1], ev, lambda r: r["rank_z"], i, f"{label}: z", ".--")
-    ax[0].set(title="std of l2-normalized z x sqrt(d) (1: spread, 0: collapsed)", ylabel="std x sqrt(d)")
+    ax[0].set(title="std of l2-normalized z x sqrt(d) (1: spread, 0: collapsed)", ylabel="std x sqrt(d)",
+              ylim=(0, None))
     ax[1].set(title="effective rank of r (solid) and z (dashed)", ylabel="effective rank", yscale="log")
     save(plt, fig, path, "Collapse diagnostics across the five methods")
 
