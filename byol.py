@@ -35,7 +35,7 @@ ImageNet only (74.3% linear, ResNet-50, 1000 epochs).
 Deviations from the paper:
   - CIFAR-10 defaults (the paper has none): batch 256, LARS lr 1.0, wd 1e-5, tau_base 0.99,
     no blur; ImageNet values are in the comments of Args.
-  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - Augmentation runs batched on the device (augmentation.py); each op equals torchvision's.
   - The loss is computed in float32 under bf16 autocast on CUDA (speed; no algorithmic change).
   - BN running statistics of the target are not averaged: ema_update() moves parameters only,
     and the target keeps the running statistics of its own forward passes. During training both
@@ -54,8 +54,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate, exclude_bias_and_norm,
-                    load_data, parse_args, probe)
+from augmentation import Recipe, augment
+from common import (LARS, Run, RunArgs, backbone, cosine_lr, evaluate, exclude_bias_and_norm, load_data,
+                    parse_args, probe)
 
 
 @dataclass

@@ -65,7 +65,7 @@ Deviations from the paper:
   - d0 = 90 for a 512-d representation, rescaled from the official 360 of 2048 (above).
   - The two views go through f in two passes, so BN statistics are per view (as simsiam.py;
     SimCLR's code concatenates the views into one batch).
-  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - Augmentation runs batched on the device (augmentation.py); each op equals torchvision's.
   - The loss is computed in float32 under bf16 autocast on CUDA (speed; no algorithmic change).
 """
 from dataclasses import dataclass
@@ -75,8 +75,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate, exclude_bias_and_norm,
-                    fail, gather_with_grad, load_data, parse_args, probe, rank, unwrap)
+from augmentation import Recipe, augment
+from common import (LARS, Run, RunArgs, backbone, cosine_lr, evaluate, exclude_bias_and_norm, fail,
+                    gather_with_grad, load_data, parse_args, probe, rank, unwrap)
 
 PROJECTORS = ("direct", "mlp", "linear", "none")
 

@@ -36,7 +36,7 @@ Deviations from the paper:
     SimSiam's MLPs it makes training with small batches stable.
   - Both views go through f and g in one pass of 2N images, so BN statistics are taken over all
     2N views, as the paper's global BN does over all devices (Sec. 2.2).
-  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - Augmentation runs batched on the device (augmentation.py); each op equals torchvision's.
   - The loss is computed in float32 under bf16 autocast on CUDA (speed; no algorithmic change).
 """
 from dataclasses import dataclass
@@ -46,8 +46,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate, exclude_bias_and_norm,
-                    gather_with_grad, load_data, parse_args, probe, rank, unwrap, world_size)
+from augmentation import Recipe, augment
+from common import (LARS, Run, RunArgs, backbone, cosine_lr, evaluate, exclude_bias_and_norm, gather_with_grad,
+                    load_data, parse_args, probe, rank, unwrap, world_size)
 
 
 @dataclass

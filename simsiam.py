@@ -27,7 +27,7 @@ Result reached by this file: not measured yet on a GPU (see README.md for measur
 Paper: 91.8% linear top-1 on CIFAR-10, ResNet-18, 800 epochs (App. D).
 
 Deviations from the paper:
-  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - Augmentation runs batched on the device (augmentation.py); each op equals torchvision's.
   - The loss is computed in float32 under bf16 autocast on CUDA (speed; no algorithmic change).
   - The two views go through f in two separate passes, as in the paper, so BN statistics are
     per view (concatenating them changes the method).
@@ -39,7 +39,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import Recipe, Run, RunArgs, augment, backbone, cosine_lr, evaluate, load_data, parse_args, probe
+from augmentation import Recipe, augment
+from common import Run, RunArgs, backbone, cosine_lr, evaluate, load_data, parse_args, probe
 
 
 @dataclass

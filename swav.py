@@ -37,7 +37,7 @@ Published: 89.2% online linear top-1 on CIFAR-10, ResNet-18, 1000 epochs, 2 crop
 paper: 75.3% ImageNet linear top-1, ResNet-50, 800 epochs, 2x224 + 6x96 crops.
 
 Deviations from the paper:
-  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - Augmentation runs batched on the device (augmentation.py); each op equals torchvision's.
   - Sinkhorn runs in float32 in the log domain: every normalization divides by a sum of exponentials,
     computed as a log-sum-exp that subtracts the max before exp. Same result as Alg. 1's loop
     (tested), but finite for any eps and score size. Alg. 1's first division by the total is
@@ -65,8 +65,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from common import (LARS, Recipe, Run, RunArgs, all_reduce, augment, backbone, cosine_lr, evaluate,
-                    exclude_bias_and_norm, fail, load_data, parse_args, probe, unwrap, world_size)
+from augmentation import Recipe, augment
+from common import (LARS, Run, RunArgs, all_reduce, backbone, cosine_lr, evaluate, exclude_bias_and_norm, fail,
+                    load_data, parse_args, probe, unwrap, world_size)
 
 
 @dataclass
