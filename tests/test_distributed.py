@@ -52,10 +52,13 @@ def test_distributed_sinkhorn_equals_one_process_on_the_concatenated_scores(rank
     torch.testing.assert_close(torch.cat([r["sinkhorn"] for r in ranks]), swav.sinkhorn(scores, 0.05, 3))
 
 
-@pytest.mark.parametrize("method", ["simsiam", "byol", "simclr", "swav", "directclr"])
+@pytest.mark.parametrize("method", ["byol", "simclr", "swav"])
 def test_torchrun_two_processes_smoke(method, tmp_path):
     """The full --smoke for SimCLR (evaluation on rank 0, broadcast to rank 1); training only for
-    the others, to keep the suite short."""
+    the others, to keep the suite short. One method per distributed mechanism: SimCLR gathers
+    embeddings with gradient, BYOL keeps its target outside DDP, SwAV runs Sinkhorn over all
+    ranks with a queue per rank. SimSiam (plain DDP) and DirectCLR (SimCLR's gather, its loss
+    checked over two ranks above) add nothing new and took 25 s."""
     short = [] if method == "simclr" else ["--eval-every", "0", "--probe-epochs", "0"]
     done = torchrun(f"{method}.py", "--smoke", *short, "--out-dir", str(tmp_path))
     assert done.returncode == 0, done.stderr[-3000:]

@@ -132,12 +132,13 @@ def test_a_diverging_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_p
     assert_same_state(good, checkpoint(run_dir))  # untouched, and it loads
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", ["simsiam", "byol", "simclr", "swav"])  # DirectCLR: test_directclr.py
 def test_short_run_keeps_class_information_without_collapse(method, tmp_path):
     """20 steps on the synthetic data: the outputs stay spread (std of l2-normalized z well above
     0, effective rank well above 1) and kNN stays far above chance (10%). Not asserted: a rise
     over the network at initialization -- on this synthetic data a random network with measured
-    BN statistics already reaches about 92%, and runs this short do not beat it."""
+    BN statistics already reaches about 92%, and runs this short do not beat it. (DirectCLR's
+    rise on a harder synthetic set: test_directclr.py.)"""
     run_dir = train(method, tmp_path, "--batch-size", "64", "--steps-per-epoch", "10", "--eval-every", "2",
                     *(["--warmup-epochs", "0"] if method != "simsiam" else []))
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
