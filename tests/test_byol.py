@@ -1,14 +1,11 @@
 """BYOL: the loss against its formula, the stop-gradient into the target, the target update and
 its schedule, the command line, and learning."""
 import copy
-import subprocess
-import sys
 
 import torch
 
 import byol
-
-ROOT = __file__.rsplit("/tests/", 1)[0]
+from clirun import check_help, check_smoke
 
 
 def test_regression_loss_equals_the_squared_distance_of_normalized_vectors():
@@ -67,22 +64,11 @@ def test_defaults_are_the_cifar_recipe_with_asymmetric_views():
     assert args.blur_p == (0.0, 0.0) and args.solarize_p == (0.0, 0.2)  # T: never solarized, T': 20%
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
 def test_help_lists_the_paper_hyperparameters():
-    out = run_cli("byol.py", "--help")
-    assert out.returncode == 0, out.stderr
-    for flag in ("--tau-base", "--base-lr", "--warmup-epochs", "--solarize-p", "--blur-p", "Sec. 3.3"):
-        assert flag in out.stdout
+    check_help("byol", "--tau-base", "--base-lr", "--warmup-epochs", "--solarize-p", "--blur-p", "Sec. 3.3")
 
 
 def test_smoke_runs_and_checkpoints_the_target(tmp_path):
-    out = run_cli("byol.py", "--smoke", "--out-dir", str(tmp_path))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "knn_top1" in out.stdout.splitlines()[-2]
-    run_dir = next(tmp_path.iterdir())
-    assert {"args.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt"} <= {p.name for p in run_dir.iterdir()}
+    _, run_dir = check_smoke("byol", tmp_path)
     state = torch.load(run_dir / "checkpoint.pt", weights_only=False)
     assert {"online", "q", "target", "optimizer", "rng", "epoch"} <= set(state)

@@ -4,8 +4,6 @@ learning."""
 import dataclasses
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -14,9 +12,8 @@ import torch.nn.functional as F
 
 import common
 import directclr
+from clirun import RUN_FILES, check_help, check_smoke
 from common import parse_args
-
-ROOT = __file__.rsplit("/tests/", 1)[0]
 
 
 def literal_loss(z1, z2, tau, same_side_negatives):
@@ -118,16 +115,9 @@ def test_spectrum_of_r_and_of_its_first_d0_dimensions(tmp_path):
     assert 1 < m["rank_z"] <= 3 and 3 < m["rank_r"] <= 8
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
 def test_help_lists_the_paper_hyperparameters():
-    out = run_cli("directclr.py", "--help")
-    assert out.returncode == 0, out.stderr
-    for flag in ("--projector", "--d0", "--tau", "--proj-dim", "--warmup-epochs", "--base-lr",
-                 "direct", "mlp", "linear", "none", "SimCLR App. B.9", "360/2048"):
-        assert flag in out.stdout
+    check_help("directclr", "--projector", "--d0", "--tau", "--proj-dim", "--warmup-epochs", "--base-lr",
+               "direct", "mlp", "linear", "none", "SimCLR App. B.9", "360/2048")
 
 
 @pytest.mark.parametrize("projector", directclr.PROJECTORS)
@@ -147,7 +137,7 @@ def test_bad_projector_or_d0_is_a_one_line_error(tmp_path):
 
 def read_metrics(tmp_path):
     run_dir = next(tmp_path.iterdir())
-    assert {"args.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt"} <= {p.name for p in run_dir.iterdir()}
+    assert RUN_FILES <= {p.name for p in run_dir.iterdir()}
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
@@ -167,9 +157,7 @@ def test_smoke_runs_for_each_baseline_projector(projector, dim_z, tmp_path):
 
 
 def test_smoke_directclr_logs_both_spectra_from_initialization_on(tmp_path):
-    out = run_cli("directclr.py", "--smoke", "--out-dir", str(tmp_path))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "knn_top1" in out.stdout.splitlines()[-2]
+    check_smoke("directclr", tmp_path)
     records = read_metrics(tmp_path)
     init, final = records[0], records[-1]
     assert init["epoch"] == 0 and final["d0"] == 90 and final["final"] is True

@@ -1,13 +1,10 @@
 """SimCLR: nt_xent against a literal reading of Algorithm 1, the command line, and learning."""
 import math
-import subprocess
-import sys
 
 import torch
 
 import simclr
-
-ROOT = __file__.rsplit("/tests/", 1)[0]
+from clirun import check_help, check_smoke
 
 
 def nt_xent_literal(z1, z2, tau):
@@ -47,20 +44,9 @@ def test_gradient_reaches_both_views():
     assert z1.grad.abs().sum() > 0 and z2.grad.abs().sum() > 0
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
 def test_help_lists_the_paper_hyperparameters():
-    out = run_cli("simclr.py", "--help")
-    assert out.returncode == 0, out.stderr
-    for flag in ("--temperature", "--base-lr", "--warmup-epochs", "--jitter-strength", "App. B.9"):
-        assert flag in out.stdout
+    check_help("simclr", "--temperature", "--base-lr", "--warmup-epochs", "--jitter-strength", "App. B.9")
 
 
 def test_smoke_runs_and_ends_with_a_knn_accuracy(tmp_path):
-    out = run_cli("simclr.py", "--smoke", "--out-dir", str(tmp_path))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "knn_top1" in out.stdout.splitlines()[-2]
-    run_dir = next(tmp_path.iterdir())
-    assert {"args.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt"} <= {p.name for p in run_dir.iterdir()}
+    check_smoke("simclr", tmp_path)

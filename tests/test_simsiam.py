@@ -1,13 +1,10 @@
 """SimSiam: the loss D against its formula, the stop-gradient, the command line, and learning."""
-import subprocess
-import sys
 
 import torch
 
 import simsiam
+from clirun import check_help, check_smoke
 from common import parse_args
-
-ROOT = __file__.rsplit("/tests/", 1)[0]
 
 
 def test_D_equals_the_literal_formula():
@@ -30,23 +27,12 @@ def test_no_gradient_reaches_z_through_D():
     assert z.grad is not None and z.grad.abs().sum() > 0
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
 def test_help_lists_the_paper_hyperparameters():
-    out = run_cli("simsiam.py", "--help")
-    assert out.returncode == 0, out.stderr
-    for flag in ("--base-lr", "--no-stop-grad", "--no-predictor", "--fix-pred-lr", "--eval-every", "App. D"):
-        assert flag in out.stdout
+    check_help("simsiam", "--base-lr", "--no-stop-grad", "--no-predictor", "--fix-pred-lr", "--eval-every", "App. D")
 
 
 def test_smoke_runs_and_ends_with_a_knn_accuracy(tmp_path):
-    out = run_cli("simsiam.py", "--smoke", "--out-dir", str(tmp_path))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "knn_top1" in out.stdout.splitlines()[-2]
-    run_dir = next(tmp_path.iterdir())
-    assert {"args.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt"} <= {p.name for p in run_dir.iterdir()}
+    check_smoke("simsiam", tmp_path)
 
 
 def short_run(tmp_path, *flags):

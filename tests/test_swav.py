@@ -2,16 +2,13 @@
 queue, the command line, and learning."""
 import json
 import math
-import subprocess
-import sys
 
 import torch
 import torch.nn.functional as F
 
 import swav
+from clirun import check_help, check_smoke
 from common import parse_args
-
-ROOT = __file__.rsplit("/tests/", 1)[0]
 
 
 def sinkhorn_literal(scores, eps, niters):
@@ -170,21 +167,10 @@ def test_queue_changes_the_codes_only_once_active(tmp_path):
     assert state["queue"]["_extra_state"].shape == (2, 24, 16)  # 2 batches of 16 in, cut to the length
 
 
-def run_cli(*args, timeout=300):
-    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
-
-
 def test_help_lists_the_paper_hyperparameters():
-    out = run_cli("swav.py", "--help")
-    assert out.returncode == 0, out.stderr
-    for flag in ("--eps", "--sinkhorn-iters", "--n-prototypes", "--freeze-prototypes-epochs", "--queue-length",
-                 "--queue-start-epoch", "--n-small", "--small-scale", "CIFAR recipe"):
-        assert flag in out.stdout
+    check_help("swav", "--eps", "--sinkhorn-iters", "--n-prototypes", "--freeze-prototypes-epochs", "--queue-length",
+               "--queue-start-epoch", "--n-small", "--small-scale", "CIFAR recipe")
 
 
 def test_smoke_runs_and_ends_with_a_knn_accuracy(tmp_path):
-    out = run_cli("swav.py", "--smoke", "--out-dir", str(tmp_path))
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert "knn_top1" in out.stdout.splitlines()[-2]
-    run_dir = next(tmp_path.iterdir())
-    assert {"args.json", "metrics.jsonl", "checkpoint.pt", "backbone.pt"} <= {p.name for p in run_dir.iterdir()}
+    check_smoke("swav", tmp_path)
