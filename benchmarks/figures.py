@@ -23,7 +23,6 @@ import importlib
 import json
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -74,15 +73,6 @@ def make_subset(src, dest, n_train, n_test):
     return dest
 
 
-def hardware(torch):
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
-    cpu = platform.processor() or platform.machine()
-    if os.path.isfile("/proc/cpuinfo"):
-        cpu = next((ln.split(":")[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), cpu)
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, no GPU"
-
-
 def train_all(opts, extra, runs_dir):
     """Train every run of RUNS into runs_dir/<name>/ and note how (runs_dir/info.json)."""
     if os.path.isdir(runs_dir) and os.listdir(runs_dir):
@@ -91,6 +81,7 @@ def train_all(opts, extra, runs_dir):
     sys.path.insert(0, ROOT)
     import torch
     from common import parse_args
+    from throughput import device_name
     if opts.preset == "gpu" and not opts.tiny and not torch.cuda.is_available():
         sys.exit("error: --preset gpu needs a CUDA GPU and none is visible; use --preset cpu")
     if opts.tiny:  # too small to gain from threads; on a busy machine they mostly wait for each other
@@ -109,7 +100,7 @@ def train_all(opts, extra, runs_dir):
         out_dir = ["--out-dir", os.path.join(runs_dir, name)]
         own = flags(m.Args, {**settings, **settings.get(method, {})})
         jobs.append((name, m, parse_args(m.Args, own + run_flags + extra + out_dir)))
-    info = dict(command=shlex.join(["python", *sys.argv]), hardware=hardware(torch), torch=torch.__version__,
+    info = dict(command=shlex.join(["python", *sys.argv]), hardware=device_name(), torch=torch.__version__,
                 date=datetime.datetime.now().isoformat(timespec="seconds"), wall_s={},
                 settings=" ".join(f"{k}={v}" for k, v in settings.items()) + " " + " ".join(extra))
     os.makedirs(runs_dir)
