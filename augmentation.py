@@ -46,7 +46,7 @@ def augment(x, r):
         x = torch.where((torch.rand(B, device=dev) < r.blur_p).view(B, 1, 1, 1), blurred, x)
     if r.solarize_p > 0:
         x = torch.where((torch.rand(B, device=dev) < r.solarize_p).view(B, 1, 1, 1), solarize(x), x)
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x  # see common.Run.distribute
+    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x  # see plumbing.Run.distribute
 
 
 def crop_params(B, H, W, scale, ratio, device):

@@ -55,8 +55,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from augmentation import Recipe, augment
-from common import (LARS, Run, RunArgs, backbone, cosine_lr, evaluate, exclude_bias_and_norm, load_data,
-                    parse_args, probe)
+from common import LARS, backbone, cosine_lr, evaluate, exclude_bias_and_norm, load_data, probe
+from plumbing import Run, RunArgs, parse_args
 
 
 @dataclass

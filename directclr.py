@@ -76,8 +76,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from augmentation import Recipe, augment
-from common import (LARS, Run, RunArgs, backbone, cosine_lr, evaluate, exclude_bias_and_norm, fail,
-                    gather_with_grad, load_data, parse_args, probe, rank, unwrap)
+from common import LARS, backbone, cosine_lr, evaluate, exclude_bias_and_norm, fail, load_data, probe
+from plumbing import Run, RunArgs, gather_with_grad, parse_args, rank, unwrap
 
 PROJECTORS = ("direct", "mlp", "linear", "none")
 
@@ -136,7 +136,7 @@ def directclr_loss(r1, r2, d0, tau):
     Each anchor: its positive and the N - 1 other images of the other side (no same-side
     negatives, unlike SimCLR's 2N - 2). Only r[:, :d0] receives gradient. Computed in float32.
     Under torchrun the rows are this rank's share and j runs over the whole global batch, whose
-    other-side views are gathered with gradient (common.gather_with_grad)."""
+    other-side views are gathered with gradient (plumbing.gather_with_grad)."""
     z1 = F.normalize(r1[:, :d0].float(), dim=1)
     z2 = F.normalize(r2[:, :d0].float(), dim=1)
     positives = torch.arange(len(z1), device=z1.device) + rank() * len(z1)  # image i in the global batch

@@ -47,8 +47,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from augmentation import Recipe, augment
-from common import (LARS, Run, RunArgs, backbone, cosine_lr, evaluate, exclude_bias_and_norm, gather_with_grad,
-                    load_data, parse_args, probe, rank, unwrap, world_size)
+from common import LARS, backbone, cosine_lr, evaluate, exclude_bias_and_norm, load_data, probe
+from plumbing import Run, RunArgs, gather_with_grad, parse_args, rank, unwrap, world_size
 
 
 @dataclass
@@ -82,7 +82,7 @@ def nt_xent(z1, z2, tau):
     each of the 2N views is an anchor whose 2N - 2 negatives are all views of the other examples;
     the mean over the 2N anchors. N is taken from the inputs, so any batch size works.
     Under torchrun the N examples are this rank's share: its 2N anchors are compared with the
-    views of the whole global batch, gathered with gradient (common.gather_with_grad)."""
+    views of the whole global batch, gathered with gradient (plumbing.gather_with_grad)."""
     N = len(z1)
     z = F.normalize(torch.cat([z1, z2]).float(), dim=1)  # this rank's 2N anchors: k and k + N a pair
     z_all = F.normalize(torch.cat([gather_with_grad(z1), gather_with_grad(z2)]).float(), dim=1)  # 2NW x d

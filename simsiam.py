@@ -40,7 +40,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from augmentation import Recipe, augment
-from common import Run, RunArgs, backbone, cosine_lr, evaluate, load_data, parse_args, probe
+from common import backbone, cosine_lr, evaluate, load_data, probe
+from plumbing import Run, RunArgs, parse_args
 
 
 @dataclass

@@ -66,8 +66,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from augmentation import Recipe, augment
-from common import (LARS, Run, RunArgs, all_reduce, backbone, cosine_lr, evaluate, exclude_bias_and_norm, fail,
-                    load_data, parse_args, probe, unwrap, world_size)
+from common import LARS, backbone, cosine_lr, evaluate, exclude_bias_and_norm, fail, load_data, probe
+from plumbing import Run, RunArgs, all_reduce, parse_args, unwrap, world_size
 
 
 @dataclass

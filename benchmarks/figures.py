@@ -80,7 +80,7 @@ def train_all(opts, extra, runs_dir):
                  f"or delete it, or pass another --out")
     sys.path.insert(0, ROOT)
     import torch
-    from common import parse_args
+    from plumbing import parse_args
     from throughput import device_name
     if opts.preset == "gpu" and not opts.tiny and not torch.cuda.is_available():
         sys.exit("error: --preset gpu needs a CUDA GPU and none is visible; use --preset cpu")

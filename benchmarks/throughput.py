@@ -30,6 +30,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
 import common  # noqa: E402
+import plumbing  # noqa: E402
 import simsiam  # noqa: E402
 
 METHODS = ("simsiam", "byol", "simclr", "swav", "directclr")
@@ -60,7 +61,7 @@ def method_throughput(name, args, extra):
         flags = [*shared_flags(args), "--epochs", "2", "--steps-per-epoch", str(args.steps_per_epoch),
                  "--eval-every", "0", "--probe-epochs", "0", "--log-every", "1000000", "--out-dir", out, *extra]
         with contextlib.redirect_stdout(sys.stderr):  # progress lines to stderr, the table alone on stdout
-            m.train(common.parse_args(m.Args, flags))
+            m.train(plumbing.parse_args(m.Args, flags))
         (run_dir,) = os.listdir(out)
         with open(os.path.join(out, run_dir, "metrics.jsonl")) as fh:
             records = [json.loads(line) for line in fh]
@@ -83,9 +84,9 @@ class TwoViews(torch.utils.data.Dataset):
 def conventional_throughput(args):
     """images/s of SimSiam's step fed by a DataLoader with per-image torchvision augmentation."""
     from torchvision.transforms import v2
-    a = common.parse_args(simsiam.Args, shared_flags(args))
+    a = plumbing.parse_args(simsiam.Args, shared_flags(args))
     dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if dev.type == "cuda":  # as common.Run sets it up for the methods
+    if dev.type == "cuda":  # as plumbing.Run sets it up for the methods
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
     data = common.load_data(a, "cpu")

@@ -1,4 +1,4 @@
-"""Evaluation, diagnostics, data sources and argument parsing of common.py."""
+"""Evaluation, diagnostics and data sources of common.py; argument parsing and unwrap of plumbing.py."""
 import math
 
 import torch
@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 import common
+import plumbing
 
 
 def knn_literal(train_f, train_y, test_f, num_classes, k, t):
@@ -68,7 +69,7 @@ def test_folder_source_reads_an_imagefolder_tree(tmp_path):
                 Image.new("RGB", (40, 30), colour).save(tmp_path / split / name / f"{i}.png")
     Image.new("L", (20, 20), 128).save(tmp_path / "train" / "dog" / "gray.jpg")  # not RGB: converted
     (tmp_path / "train" / "dog" / "notes.txt").write_text("not an image")  # ignored
-    args = common.RunArgs(data_dir=str(tmp_path))
+    args = plumbing.RunArgs(data_dir=str(tmp_path))
     args.dataset, args.image_size = "folder", 16
     data = common.load_data(args, torch.device("cpu"))
     assert data.train_x.shape == (7, 3, 16, 16) and data.train_x.dtype == torch.uint8
@@ -79,7 +80,7 @@ def test_folder_source_reads_an_imagefolder_tree(tmp_path):
 
 
 def test_synthetic_data_has_balanced_classes():
-    args = common.RunArgs()
+    args = plumbing.RunArgs()
     args.dataset, args.image_size = "synthetic", 32
     data = common.load_data(args, torch.device("cpu"))
     assert data.ssl_x.shape[1:] == (3, 32, 32) and data.num_classes == 10
@@ -88,12 +89,12 @@ def test_synthetic_data_has_balanced_classes():
 
 def test_parse_args_builds_flags_from_the_dataclass():
     import simsiam
-    args = common.parse_args(simsiam.Args, ["--epochs", "3", "--crop-scale", "0.3", "0.9", "--no-stop-grad"])
+    args = plumbing.parse_args(simsiam.Args, ["--epochs", "3", "--crop-scale", "0.3", "0.9", "--no-stop-grad"])
     assert args.epochs == 3 and args.crop_scale == (0.3, 0.9) and args.stop_grad is False
     assert isinstance(args.base_lr, float)
-    smoke = common.parse_args(simsiam.Args, ["--smoke"])
+    smoke = plumbing.parse_args(simsiam.Args, ["--smoke"])
     assert smoke.dataset == "synthetic" and smoke.arch == "small"
-    smoke = common.parse_args(simsiam.Args, ["--smoke", "--epochs", "1"])  # explicit flags win
+    smoke = plumbing.parse_args(simsiam.Args, ["--smoke", "--epochs", "1"])  # explicit flags win
     assert smoke.epochs == 1 and smoke.dataset == "synthetic"
 
 
@@ -109,5 +110,5 @@ def test_backbone_state_dict_loads_into_torchvision_resnet():
 
 def test_unwrap_sees_through_compile_and_returns_plain_modules():
     net = torch.nn.Linear(3, 2)
-    assert common.unwrap(net) is net
-    assert common.unwrap(torch.compile(net)) is net  # wrapping only: nothing is compiled here
+    assert plumbing.unwrap(net) is net
+    assert plumbing.unwrap(torch.compile(net)) is net  # wrapping only: nothing is compiled here

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import common
 import directclr
 from clirun import RUN_FILES, check_help, check_smoke
-from common import parse_args
+from plumbing import parse_args
 
 
 def literal_loss(z1, z2, tau, same_side_negatives):
@@ -143,7 +143,7 @@ def read_metrics(tmp_path):
 
 @pytest.mark.parametrize("projector, dim_z", [("mlp", 128), ("linear", 128), ("none", None)])
 def test_smoke_runs_for_each_baseline_projector(projector, dim_z, tmp_path):
-    # --smoke, shortened to one epoch of 2 steps without probe (in-process: common.parse_args lets
+    # --smoke, shortened to one epoch of 2 steps without probe (in-process: plumbing.parse_args lets
     # --smoke override explicit --epochs / --steps-per-epoch flags)
     args = parse_args(directclr.Args, ["--smoke", "--projector", projector, "--out-dir", str(tmp_path)])
     final = directclr.train(dataclasses.replace(args, epochs=1, steps_per_epoch=2, probe_epochs=0))

@@ -4,7 +4,7 @@ import torch
 
 import simsiam
 from clirun import check_help, check_smoke
-from common import parse_args
+from plumbing import parse_args
 
 
 def test_D_equals_the_literal_formula():

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import swav
 from clirun import check_help, check_smoke
-from common import parse_args
+from plumbing import parse_args
 
 
 def sinkhorn_literal(scores, eps, niters):

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from common import parse_args
+from plumbing import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = ["simsiam", "byol", "simclr", "swav", "directclr"]
