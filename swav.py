@@ -53,9 +53,12 @@ Deviations from the paper:
     global crops, as 6 x 96 px add to 2 x 224 px. The published CIFAR-10 recipe used 2 crops only.
   - One queue per full-resolution crop; it fills from the first step and joins Sinkhorn from
     --queue-start-epoch (the queue's scores use the current prototypes).
-  - LARS trust coefficient 0.001 as in SwAV, not the CIFAR recipe's 0.02: that recipe clips the
-    trust ratio (LARC), common.LARS does not, and unclipped 0.02 steps collapsed short runs to
-    uniform codes (loss ln K). Cosine decay to 0 (SwAV: to base lr / 1000).
+  - LARS trust coefficient 0.001, unclipped, as in SwAV's own code, not the CIFAR recipe's 0.02
+    with LARC clipping (`--lars-eta 0.02 --lars-clip` selects it). Unclipped 0.02 steps collapsed
+    short runs to uniform codes (loss ln K); clipped, they made the features collapse to a line
+    within 20 steps without warm-up in this repository's CPU tests (effective rank of z 1.6 vs
+    11.6). Not the default until a GPU run shows it pays.
+  - Cosine decay to 0 (SwAV: to base lr / 1000).
 """
 import math
 from dataclasses import dataclass
@@ -81,7 +84,8 @@ class Args(RunArgs):
     warmup_epochs: int = 10  # CIFAR recipe: linear warm-up, then cosine decay
     weight_decay: float = 1e-6  # CIFAR recipe and ImageNet
     momentum: float = 0.9  # LARS momentum
-    lars_eta: float = 0.001  # LARS trust coefficient, SwAV (the CIFAR recipe's 0.02 relies on trust-ratio clipping)
+    lars_eta: float = 0.001  # LARS trust coefficient, SwAV's (the CIFAR recipe: 0.02 with --lars-clip; see Deviations)
+    lars_clip: bool = False  # LARC clipping: no tensor steps further than SGD would (CIFAR recipe: on)
     hidden_dim: int = 2048  # projection head: 2-layer MLP, hidden 2048 with BN and ReLU
     feat_dim: int = 128  # D: output of the projection head and dimension of the prototypes
     n_prototypes: int = 3000  # K (CIFAR recipe and ImageNet)
@@ -203,7 +207,7 @@ def train(args):
     C = prototypes(args.feat_dim, args.n_prototypes).to(dev)
     lr = args.base_lr * args.batch_size / 256
     optimizer = LARS(exclude_bias_and_norm(f, C), lr=lr, weight_decay=args.weight_decay,
-                     momentum=args.momentum, eta=args.lars_eta)
+                     momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
     colour = dict(jitter=args.jitter, jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p)
     global_view = Recipe(size=args.image_size, scale=args.global_scale, **colour)
     small_view = Recipe(size=args.small_size, scale=args.small_scale, **colour)

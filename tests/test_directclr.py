@@ -1,6 +1,6 @@
 """DirectCLR: the loss against its formula, its gradient and symmetry, its relation to SimCLR's
-nt_xent, the spectrum of the sub-vector r[:, :d0], the command line for every --projector, and
-learning."""
+nt_xent, the spectrum of the sub-vector r[:, :d0] and the command line for every --projector.
+(Learning: test_training.py.)"""
 import dataclasses
 import json
 import math
@@ -163,44 +163,3 @@ def test_smoke_directclr_logs_both_spectra_from_initialization_on(tmp_path):
     assert init["epoch"] == 0 and final["d0"] == 90 and final["final"] is True
     assert len(init["spectrum_z"]) == 90 and len(init["spectrum_r"]) == 512
     assert len(final["spectrum_z"]) == 90 and len(final["spectrum_r"]) == 512
-
-
-def oriented_gratings(size=32, classes=10, n_train=2560, n_test=1000, seed=1234):
-    """A harder synthetic set than common's (where a random network already has about 92% kNN):
-    gray gratings whose class is their orientation (10 angles 9 degrees apart in [0, 90)), each
-    image with its own frequency (3-9 cycles), phase, brightness, contrast and pixel noise. These
-    nuisances dominate a random network's features (kNN about 50%); the augmentations vary them
-    between two views (crop: frequency, phase; colour jitter: brightness, contrast) while the
-    orientation survives, so learning view invariance raises the kNN accuracy."""
-    g = torch.Generator().manual_seed(seed)
-
-    def draw(n):
-        u = lambda lo, hi: lo + (hi - lo) * torch.rand(n, 1, 1, generator=g)  # noqa: E731
-        y = torch.arange(n) % classes
-        angle = (y.float() * math.pi / 2 / classes).view(n, 1, 1)
-        yy, xx = torch.meshgrid(torch.linspace(0, 1, size), torch.linspace(0, 1, size), indexing="ij")
-        wave = torch.sin(2 * math.pi * u(3, 9) * (xx * torch.cos(angle) + yy * torch.sin(angle)) + u(0, 2 * math.pi))
-        img = (u(0.35, 0.65) + u(0.1, 0.3) * wave).unsqueeze(1).expand(n, 3, size, size)
-        img = img + 0.05 * torch.randn(n, 3, size, size, generator=g)
-        return (img.clamp(0, 1) * 255).round().to(torch.uint8), y
-
-    x_train, y_train = draw(n_train)
-    x_test, y_test = draw(n_test)
-    return x_train, x_train, y_train, x_test, y_test
-
-
-def test_short_run_lifts_knn_above_the_network_at_initialization(tmp_path, monkeypatch):
-    """80 steps of DirectCLR (batch 128, no warm-up) on oriented_gratings. Measured on this 2-core
-    CPU for seeds 0 / 1 / 2: kNN 53.4 -> 73.8, 48.3 -> 68.4, 54.0 -> 74.4 (the network at
-    initialization evaluated with BN statistics measured on training images)."""
-    monkeypatch.setattr(common, "synthetic_dataset", oriented_gratings)
-    args = parse_args(directclr.Args, ["--dataset", "synthetic", "--arch", "small", "--batch-size", "128",
-                                       "--epochs", "4", "--steps-per-epoch", "20", "--eval-every", "4",
-                                       "--warmup-epochs", "0", "--probe-epochs", "0", "--log-every", "1000",
-                                       "--out-dir", str(tmp_path)])
-    directclr.train(args)
-    records = read_metrics(tmp_path)
-    init, end = records[0], records[-1]
-    assert init["epoch"] == 0 and end["epoch"] == 4
-    assert end["knn_top1"] > init["knn_top1"] + 8, (init["knn_top1"], end["knn_top1"])
-    assert end["rank_z"] > 3 and end["std_z"] > 0.2 / math.sqrt(len(end["spectrum_z"]))  # not collapsed

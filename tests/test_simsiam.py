@@ -36,28 +36,30 @@ def test_smoke_runs_and_ends_with_a_knn_accuracy(tmp_path):
 
 
 def short_run(tmp_path, *flags):
-    """A short SimSiam run on the synthetic data; returns the per-epoch metrics records."""
+    """40 steps of SimSiam on the synthetic data at 24 px with the short-run settings of
+    test_training.LIFT; returns the per-epoch metrics records."""
     import json
-    args = parse_args(simsiam.Args, ["--dataset", "synthetic", "--arch", "small", "--batch-size", "64",
-                                     "--probe-epochs", "0", "--log-every", "1000", "--out-dir", str(tmp_path),
-                                     *flags])
+    args = parse_args(simsiam.Args, ["--dataset", "synthetic", "--arch", "small", "--image-size", "24",
+                                     "--batch-size", "128", "--epochs", "2", "--steps-per-epoch", "20",
+                                     "--eval-every", "2", "--base-lr", "1.0", "--proj-dim", "512",
+                                     "--pred-hidden", "128", "--probe-epochs", "0", "--log-every", "1000",
+                                     "--out-dir", str(tmp_path), *flags])
     simsiam.train(args)
     run_dir = next(tmp_path.iterdir())
     return [json.loads(line) for line in open(run_dir / "metrics.jsonl") if '"final"' not in line]
 
 
 def test_no_stop_grad_collapses(tmp_path):
-    """The paper's Fig. 2 in small: same run with and without stop-gradient. Without it the loss
-    falls fast, the std of the l2-normalized output z falls toward 0 and kNN drops. Measured on
-    this 2-core CPU (60 steps, base lr 0.5 to see it this soon): loss -0.67 vs -0.03, std_z
-    0.0010 vs 0.0214, kNN 55.5 vs 92.1.
-    Not asserted: that these 60 steps lift kNN above the network at initialization. On this
-    synthetic data a random network (BN statistics measured) already has about 92%. On CIFAR-10
-    (small backbone, paper recipe, this CPU) SimSiam fell from the random network's 35.7% to 33.2%
-    in epoch 1 and passed it in epoch 3 (36.6%)."""
-    flags = ["--epochs", "2", "--steps-per-epoch", "30", "--eval-every", "2", "--base-lr", "0.5"]
-    end = short_run(tmp_path / "sg", *flags)[-1]
-    end_bad = short_run(tmp_path / "nosg", *flags, "--no-stop-grad")[-1]
+    """The paper's Fig. 2 in small: the same run with and without stop-gradient. Without it the
+    loss falls faster, the std of the l2-normalized output z falls toward 0 and kNN drops. Measured
+    on this 2-core CPU: loss -0.84 vs -0.67, std_z 0.0009 vs 0.042, kNN 49.2 vs 68.2. (That the
+    default run goes on to lift kNN above the network at initialization: test_training.py.)"""
+    records = short_run(tmp_path / "sg")
+    init, end = records[0], records[-1]
+    end_bad = short_run(tmp_path / "nosg", "--no-stop-grad")[-1]
+    print("loss", end["loss"], end_bad["loss"], "std_z", end["std_z"], end_bad["std_z"],
+          "kNN", init["knn_top1"], end["knn_top1"], end_bad["knn_top1"])
+    assert end_bad["loss"] < end["loss"] - 0.1, (end_bad["loss"], end["loss"])  # epoch means
+    assert end_bad["std_z"] < 0.1 * end["std_z"], (end_bad["std_z"], end["std_z"])
+    assert end["std_z"] > 0.5 / 512 ** 0.5  # the default stays spread (1/sqrt(d) when isotropic)
     assert end_bad["knn_top1"] < end["knn_top1"] - 10, (end_bad["knn_top1"], end["knn_top1"])
-    assert end_bad["loss"] < end["loss"] - 0.3, (end_bad["loss"], end["loss"])
-    assert end_bad["std_z"] < 0.25 * end["std_z"], (end_bad["std_z"], end["std_z"])

@@ -1,6 +1,7 @@
 """Every method file as a training run: exact resume after a stop, a Ctrl-C mid-epoch and a
-SIGKILL; --compile trains like eager; a diverging loss stops cleanly; a short run keeps class
-information without collapse."""
+SIGKILL; --compile trains like eager; a diverging loss stops cleanly; a short run lifts kNN above
+the network at initialization (SimSiam, SimCLR, DirectCLR) or keeps class information without
+collapse (BYOL, SwAV)."""
 import importlib
 import json
 import math
@@ -132,20 +133,51 @@ def test_a_diverging_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_p
     assert_same_state(good, checkpoint(run_dir))  # untouched, and it loads
 
 
-@pytest.mark.parametrize("method", ["simsiam", "byol", "simclr", "swav"])  # DirectCLR: test_directclr.py
-def test_short_run_keeps_class_information_without_collapse(method, tmp_path):
-    """20 steps on the synthetic data: the outputs stay spread (std of l2-normalized z well above
-    0, effective rank well above 1) and kNN stays far above chance (10%). Not asserted: a rise
-    over the network at initialization -- on this synthetic data a random network with measured
-    BN statistics already reaches about 92%, and runs this short do not beat it. (DirectCLR's
-    rise on a harder synthetic set: test_directclr.py.)"""
-    run_dir = train(method, tmp_path, "--batch-size", "64", "--steps-per-epoch", "10", "--eval-every", "2",
-                    *(["--warmup-epochs", "0"] if method != "simsiam" else []))
+# Short-run settings per method: the file's algorithm, with settings that let it learn in 100-odd
+# steps instead of hundreds of epochs (a larger step size, no or a short warm-up, narrower heads).
+LIFT = {"simsiam": ["--epochs", "8", "--base-lr", "1.0", "--proj-dim", "512", "--pred-hidden", "128"],
+        "simclr": ["--epochs", "8", "--warmup-epochs", "1", "--temperature", "0.2", "--proj-dim", "128"],
+        "directclr": ["--epochs", "8", "--warmup-epochs", "0"]}
+
+
+@pytest.mark.parametrize("method", LIFT)
+def test_short_run_lifts_knn_above_the_network_at_initialization(method, tmp_path):
+    """A short run on the synthetic gratings (common.synthetic_dataset: class = orientation, a
+    random network reaches 74-83% kNN) ends clearly above the same network at initialization,
+    evaluated the same way (kNN on backbone features; for the network at initialization with BN
+    statistics measured on training images), and without collapse. 160 steps at batch 128, 24 px.
+    Measured on this 2-core CPU, seed 0 (this test) / seed 1: SimSiam 83.0 -> 99.4 / 74.0 -> 98.0,
+    SimCLR 83.0 -> 99.8 / 74.0 -> 99.9, DirectCLR 83.0 -> 99.9. BYOL and SwAV do not beat the
+    random network this soon: see the next test."""
+    run_dir = train(method, tmp_path, "--image-size", "24", "--batch-size", "128", "--steps-per-epoch", "20",
+                    "--eval-every", "1000", *LIFT[method])
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     init, end = records[0], records[-1]
-    dim = len(end["spectrum_z"]) if "spectrum_z" in end else None
-    print(method, {k: round(end[k], 4) for k in ("knn_top1", "loss", "std_z", "rank_z") if k in end},
+    print(method, "kNN", init["knn_top1"], "->", end["knn_top1"], "rank_r", round(end["rank_r"], 1))
+    epochs = json.load(open(os.path.join(run_dir, "args.json")))["epochs"]
+    assert init["epoch"] == 0 and end["epoch"] == epochs
+    assert end["knn_top1"] > init["knn_top1"] + 8, (init["knn_top1"], end["knn_top1"])
+    name = "z" if "std_z" in end else "r"  # DirectCLR without projector: r
+    dim = len(end[f"spectrum_{name}"])
+    # not collapsed (std 0, effective rank 1); 5 classes need few dimensions, so a rank of 3-5 is healthy
+    assert end[f"std_{name}"] > 0.2 / math.sqrt(dim) and end[f"rank_{name}"] > 2
+
+
+@pytest.mark.parametrize("method", ["byol", "swav"])
+def test_short_run_keeps_class_information_without_collapse(method, tmp_path):
+    """20 steps on the synthetic data: the outputs stay spread (std of l2-normalized z well above
+    0, effective rank well above 1) and kNN stays far above chance (20%). Not asserted: a rise over
+    the network at initialization. Like the others, BYOL and SwAV first lose kNN accuracy while the
+    rank of their features falls, but they do not climb back above the random network within a CPU
+    test's budget. Measured on this 2-core CPU, 160 steps at batch 128, 24 px, warm-up 1 epoch of
+    8: BYOL 83.0 -> 66.8 (defaults), 87.7 (base lr 2, tau_base 0.5, heads 512 wide: the target
+    follows fast); SwAV 83.0 -> 63.3 (2 crops, 100 prototypes, eps 0.03, loss 4.10 < ln 100)."""
+    run_dir = train(method, tmp_path, "--batch-size", "64", "--steps-per-epoch", "10", "--eval-every", "2",
+                    "--warmup-epochs", "0")
+    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
+    init, end = records[0], records[-1]
+    dim = len(end["spectrum_z"])
+    print(method, {k: round(end[k], 4) for k in ("knn_top1", "loss", "std_z", "rank_z")},
           "kNN at init", init["knn_top1"])
-    assert math.isfinite(end["loss"]) and end["knn_top1"] > 70
-    if dim:
-        assert end["std_z"] > 0.2 / math.sqrt(dim) and end["rank_z"] > 10  # collapsed: 0 and 1
+    assert math.isfinite(end["loss"]) and end["knn_top1"] > 40
+    assert end["std_z"] > 0.2 / math.sqrt(dim) and end["rank_z"] > 10  # collapsed: 0 and 1
