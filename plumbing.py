@@ -41,11 +41,11 @@ class RunArgs:
     probe_epochs: int = 100  # linear probe on frozen features at the end (0: skip)
     knn_k: int = 200  # kNN protocol of InstDisc / MoCo CIFAR
     knn_t: float = 0.1
-    smoke: bool = False  # tiny run on synthetic data with the small backbone, same code path
+    smoke: bool = False  # tiny run on 16-px synthetic data with the small backbone, same code path
     compile: bool = False  # torch.compile the networks (off: not yet measured to pay; benchmarks/throughput.py)
 
 
-SMOKE = dict(dataset="synthetic", arch="small", epochs=2, batch_size=64, eval_every=2,
+SMOKE = dict(dataset="synthetic", arch="small", image_size=16, epochs=2, batch_size=64, eval_every=2,
              steps_per_epoch=8, probe_epochs=5, log_every=4)
 
 

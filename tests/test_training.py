@@ -1,7 +1,6 @@
 """Every method file as a training run: exact resume after a stop, a Ctrl-C mid-epoch and a
 SIGKILL; --compile trains like eager; a diverging loss stops cleanly; a short run lifts kNN above
-the network at initialization (SimSiam, SimCLR, SwAV, DirectCLR) or keeps class information
-without collapse (BYOL)."""
+the network at initialization."""
 import importlib
 import json
 import math
@@ -133,60 +132,49 @@ def test_a_diverging_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(tmp_p
     assert_same_state(good, checkpoint(run_dir))  # untouched, and it loads
 
 
-# Short-run settings per method: the file's algorithm, with settings that let it learn in 100-odd
-# steps instead of hundreds of epochs (a larger step size, no or a short warm-up, narrower heads),
-# and the number of epochs of 20 steps. SwAV: 2 crops (the published CIFAR-10 recipe), 100
-# prototypes, no queue, and the remedies its authors give for a loss stuck at ln K: eps 0.03 and a
-# milder augmentation (SimSiam's colour jitter, crops of at least 30% of the image). With eps 0.05
-# it lifts less (83.0 -> 87.0); in 6 epochs it ends 91.5, too near the bar, so it gets 8.
-LIFT = {"simsiam": (6, ["--base-lr", "1.0", "--proj-dim", "512", "--pred-hidden", "128"]),
-        "simclr": (6, ["--warmup-epochs", "1", "--temperature", "0.2", "--proj-dim", "128"]),
-        "swav": (8, ["--n-small", "0", "--n-prototypes", "100", "--feat-dim", "128", "--hidden-dim", "512",
-                     "--queue-length", "0", "--warmup-epochs", "1", "--base-lr", "1.2", "--eps", "0.03",
-                     "--jitter", "0.4", "0.4", "0.4", "0.1", "--global-scale", "0.3", "1"]),
-        "directclr": (6, ["--warmup-epochs", "0"])}
+# Short-run settings per method: the file's algorithm, with settings that let it learn in a few
+# hundred steps instead of hundreds of epochs (a larger step size, no or a short warm-up, narrower
+# heads): (image size, epochs of 20 steps, flags).
+# SwAV: 2 crops (the published CIFAR-10 recipe), 100 prototypes, no queue, and the remedies its
+# authors give for a loss stuck at ln K: eps 0.03 and a milder augmentation (SimSiam's colour
+# jitter, crops of at least 30% of the image). With eps 0.05 it lifts less (83.0 -> 87.0); in 6
+# epochs it ends 91.5, too near the bar, so it gets 8.
+# BYOL: a target that follows fast (tau_base 0.5, ramped to 1 as in the paper), base lr 2, weight
+# decay 5e-4, crops of at least 30%; 360 steps at 16 px. It first falls below the random network
+# (83 -> 62-81 after 80-120 steps) and climbs past it only later: at 24 px it stalls at 83-89
+# (160-320 steps), and with 300 steps at 16 px it ends 91.3, too near the bar.
+LIFT = {"simsiam": (24, 6, ["--base-lr", "1.0", "--proj-dim", "512", "--pred-hidden", "128"]),
+        "byol": (16, 18, ["--warmup-epochs", "0", "--base-lr", "2", "--tau-base", "0.5", "--weight-decay", "5e-4",
+                          "--crop-scale", "0.3", "1", "--proj-hidden", "512", "--pred-hidden", "512",
+                          "--proj-dim", "256"]),
+        "simclr": (24, 6, ["--warmup-epochs", "1", "--temperature", "0.2", "--proj-dim", "128"]),
+        "swav": (24, 8, ["--n-small", "0", "--n-prototypes", "100", "--feat-dim", "128", "--hidden-dim", "512",
+                         "--queue-length", "0", "--warmup-epochs", "1", "--base-lr", "1.2", "--eps", "0.03",
+                         "--jitter", "0.4", "0.4", "0.4", "0.1", "--global-scale", "0.3", "1"]),
+        "directclr": (24, 6, ["--warmup-epochs", "0"])}
 
 
 @pytest.mark.parametrize("method", LIFT)
 def test_short_run_lifts_knn_above_the_network_at_initialization(method, tmp_path):
     """A short run on the synthetic gratings (common.synthetic_dataset: class = orientation, a
-    random network reaches 74-83% kNN) ends clearly above the same network at initialization,
+    random network reaches 74-86% kNN) ends clearly above the same network at initialization,
     evaluated the same way (kNN on backbone features; for the network at initialization with BN
-    statistics measured on training images), and without collapse. Batch 128, 24 px, 120 steps
-    (160 for SwAV). Measured on this 2-core CPU, seed 0 (this test), 120 steps: SimSiam 83.0 ->
-    96.6, SimCLR 98.8, DirectCLR 99.4; 160 steps, seed 0 / seed 1: SimSiam 83.0 -> 99.4 / 74.0 ->
-    98.0, SimCLR 99.8 / 99.9, SwAV 96.5 / 96.0 (loss 3.16 / 3.24, ln K = 4.61), DirectCLR 99.9.
-    BYOL does not climb this far this soon: see the next test."""
-    epochs, flags = LIFT[method]
-    run_dir = train(method, tmp_path, "--image-size", "24", "--batch-size", "128", "--epochs", str(epochs),
+    statistics measured on training images), and without collapse. Batch 128; 120 steps at 24 px
+    (SimSiam, SimCLR, DirectCLR), 160 at 24 px (SwAV), 360 at 16 px (BYOL). Measured on this
+    2-core CPU, seed 0 (this test): SimSiam 83.0 -> 96.6, SimCLR 98.8, DirectCLR 99.4, SwAV 96.5
+    (loss 3.16, ln K = 4.61), BYOL 83.4 -> 97.5. Seed 1, 160 steps: SimSiam 74.0 -> 98.0, SimCLR
+    99.9, SwAV 96.0; BYOL seeds 1 and 2: 84.1 -> 99.7, 85.9 -> 98.3. At 16 px the others lift
+    less in their step counts (SimSiam 88.4, SimCLR 79.1, SwAV 85.3, DirectCLR 96.0; init 83.4)."""
+    size, epochs, flags = LIFT[method]
+    run_dir = train(method, tmp_path, "--image-size", str(size), "--batch-size", "128", "--epochs", str(epochs),
                     "--steps-per-epoch", "20", "--eval-every", str(epochs), *flags)
     records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
     init, end = records[0], records[-1]
     print(method, "kNN", init["knn_top1"], "->", end["knn_top1"], "rank_r", round(end["rank_r"], 1))
     assert init["epoch"] == 0 and end["epoch"] == epochs
     assert end["knn_top1"] > init["knn_top1"] + 8, (init["knn_top1"], end["knn_top1"])
-    # not collapsed (std 0, effective rank 1); 5 classes need few dimensions, so a rank of 3-5 is healthy
-    assert end["std_z"] > 0.2 / math.sqrt(len(end["spectrum_z"])) and end["rank_z"] > 2
+    # not collapsed (std 0, effective rank 1); the class, an orientation, needs 2 dimensions (a
+    # circle), so an effective rank of 2 or more is healthy (BYOL ends at 2.2)
+    assert end["std_z"] > 0.2 / math.sqrt(len(end["spectrum_z"])) and end["rank_z"] > 1.5
     if method == "swav":  # the loss has left ln K, its value when every code is uniform (collapse)
         assert end["loss"] < math.log(checkpoint(run_dir)["args"]["n_prototypes"]) - 0.5, end["loss"]
-
-
-@pytest.mark.parametrize("method", ["byol"])
-def test_short_run_keeps_class_information_without_collapse(method, tmp_path):
-    """20 steps on the synthetic data: the outputs stay spread (std of l2-normalized z well above
-    0, effective rank well above 1) and kNN stays far above chance (20%). Not asserted: a rise over
-    the network at initialization. Like the others, BYOL first loses kNN accuracy while the rank of
-    its features falls; it climbs back, but not 8 points above the random network within a CPU
-    test's budget. Measured on this 2-core CPU, 160 steps at batch 128, 24 px, seed 0 (init 83.0):
-    83.0 -> 66.8 with the defaults (warm-up 1 epoch of 8); 83-89 with a target that follows fast
-    (tau_base 0.5, base lr 2, heads 512 wide, crops of at least 30%, weight decay 5e-4), 89.2
-    after 320 steps; seeds 1 and 2 of the same: 74.0 -> 85.2, 76.3 -> 72.6."""
-    run_dir = train(method, tmp_path, "--batch-size", "64", "--steps-per-epoch", "10", "--eval-every", "2",
-                    "--warmup-epochs", "0")
-    records = [json.loads(line) for line in open(os.path.join(run_dir, "metrics.jsonl"))]
-    init, end = records[0], records[-1]
-    dim = len(end["spectrum_z"])
-    print(method, {k: round(end[k], 4) for k in ("knn_top1", "loss", "std_z", "rank_z")},
-          "kNN at init", init["knn_top1"])
-    assert math.isfinite(end["loss"]) and end["knn_top1"] > 40
-    assert end["std_z"] > 0.2 / math.sqrt(dim) and end["rank_z"] > 10  # collapsed: 0 and 1
