@@ -201,10 +201,10 @@ def synthetic_dataset(size=32, n_train=2560, n_test=1000, seed=1234):
     degrees (a class holds theta and -theta, which a horizontal flip swaps). Each image has its own
     frequency (3-9 cycles across 32 px), phase, brightness, contrast and pixel noise. These
     nuisances dominate a random network's features: kNN 74-83% at 24 and 32 px, 83-86% at 16 px
-    (BN statistics measured). The augmentations vary them between two views while the class survives: the crop
-    changes frequency and phase, the colour jitter brightness and contrast, and the crop's aspect
-    ratio (3/4 to 4/3) bends an orientation by at most about 8 degrees, less than half the 22.5
-    between classes. So learning invariance to the views raises kNN above the random network's."""
+    (BN statistics measured). The augmentations vary them between two views while the class
+    survives: the crop changes frequency and phase, the colour jitter brightness and contrast, and
+    the crop's aspect ratio (3/4 to 4/3) bends an orientation by at most about 8 degrees, less than
+    half the 22.5 between classes. So learning invariance to the views raises kNN above the random network's."""
     g = torch.Generator().manual_seed(seed)
     classes = 5
 
