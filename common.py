@@ -204,7 +204,8 @@ def synthetic_dataset(size=32, n_train=2560, n_test=1000, seed=1234):
     (BN statistics measured). The augmentations vary them between two views while the class
     survives: the crop changes frequency and phase, the colour jitter brightness and contrast, and
     the crop's aspect ratio (3/4 to 4/3) bends an orientation by at most about 8 degrees, less than
-    half the 22.5 between classes. So learning invariance to the views raises kNN above the random network's."""
+    half the 22.5 between classes. So learning invariance to the views raises kNN above the random
+    network's."""
     g = torch.Generator().manual_seed(seed)
     classes = 5
 
