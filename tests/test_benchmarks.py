@@ -53,3 +53,25 @@ def test_accuracy_prints_knn_and_linear_top1(tmp_path):
     (run_dir,) = (tmp_path / "runs").iterdir()  # the flags after -- reached the method
     assert json.loads((run_dir / "args.json").read_text())["proj_dim"] == 64
     assert (tmp_path / "a.md").read_text().strip() == out.strip()
+
+
+def test_readme_results_section_is_generated_from_the_reports():
+    """README's GPU section equals what benchmarks/results.py makes of benchmarks/results/."""
+    run_script("benchmarks/results.py", "--check")
+
+
+def test_results_reads_a_report_folder(tmp_path):
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import results
+    (tmp_path / "t.md").write_text(
+        "Training throughput. Device: Some GPU; torch 9.9; 2030-01-02. Command: `x`\n\n"
+        "| method | batch | arch | img/s | s/epoch (50k) | vs conventional |\n|---|---|---|---|---|---|\n"
+        "| conventional (SimSiam, DataLoader, 8 workers) | 512 | resnet18 | 2000 | 25.0 | 1.00x |\n")
+    (tmp_path / "compile.err").write_text("final True  epoch 2  loss 1  img_per_s 1.5e+04  epoch_s 1\n"
+                                          "run folder: /tmp/x/byol-20300102-101010\n")
+    (tmp_path / "log.txt").write_text("=== [0s] smoke simsiam\nepoch 1\nrc=0\n=== [9s] smoke swav\nrc=1\n")
+    info = results.read_folder(str(tmp_path))
+    assert info["device"] == ("Some GPU", "9.9", "2030-01-02")
+    assert info["conventional"] == [("SimSiam, DataLoader, 8 workers", 2000.0)]
+    assert info["compile"] == {"byol": [15000.0]} and info["eager"] == {}
+    assert info["smoke"] == {"simsiam": 0, "swav": 1}

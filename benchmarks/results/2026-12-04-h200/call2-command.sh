@@ -1,0 +1,3 @@
+# call 2 (same machine, warm): the eager DirectCLR row and the conventional pipeline that call 1's
+# time limit cut off, then SimSiam with --compile again
+export PYTHONUNBUFFERED=1; mkdir -p /tmp/data; python3 -m zipfile -e .gpu/cifar10-jpeg.zip /tmp/data; D="--dataset folder --data-dir /tmp/data/cifar10-jpeg"; timeout 150 python3 benchmarks/throughput.py $D --methods directclr --out $OUT/throughput_eager2.md 2> $OUT/eager2.err; echo rc=$?; tail -8 $OUT/eager2.err; timeout 140 python3 benchmarks/throughput.py $D --methods simsiam --out $OUT/throughput_compile.md -- --compile 2> $OUT/compile.err; echo rc=$?; tail -20 $OUT/compile.err
