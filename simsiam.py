@@ -1,47 +1,48 @@
 """SimSiam: Exploring Simple Siamese Representation Learning.
 Xinlei Chen and Kaiming He, CVPR 2021. https://arxiv.org/abs/2011.10566
 
-    python simsiam.py                                  # CIFAR-10 recipe of App. D (ResNet-18, 800 epochs)
-    python simsiam.py --smoke                          # a few steps on synthetic data, CPU, < 1 min
-    torchrun --nproc_per_node=8 simsiam.py             # 8 GPUs: DDP + SyncBN, --batch-size is global
-    python simsiam.py --resume runs/<run folder>       # go on after a stop, Ctrl-C or crash
+    python simsiam.py                             # CIFAR-10 recipe of App. D (ResNet-18)
+    python simsiam.py --smoke                     # a few steps on synthetic data, CPU, < 1 min
+    torchrun --nproc_per_node=8 simsiam.py        # 8 GPUs: DDP + SyncBN, --batch-size is global
+    python simsiam.py --resume runs/<run folder>  # go on after a stop, Ctrl-C or crash
     python simsiam.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
-    python simsiam.py --no-stop-grad                   # Fig. 2: collapses
-    python simsiam.py --help                           # every hyper-parameter and its source
+    python simsiam.py --no-stop-grad              # Fig. 2: collapses
+    python simsiam.py --help                      # every hyper-parameter and its source
 
 Paper -> code (Algorithm 1, in order):
 
-    x1, x2 = aug(x), aug(x)        two random augmentations of a batch   augment() in train()
-    z1, z2 = f(x1), f(x2)          f = backbone + projection MLP          f = Sequential(encoder, projector)
-    p1, p2 = h(z1), h(z2)          h = prediction MLP                     h = predictor()
-    L = D(p1, z2)/2 + D(p2, z1)/2  symmetrized loss (Eq. 2)               D() below
-    D(p, z) = -cos(p, stopgrad(z)) negative cosine, stop-gradient on z    D(): z.detach()  (Eq. 1, 3)
-    L.backward(); update(f, h)     SGD, cosine decay, no warm-up          torch.optim.SGD, cosine_lr()
+    x1, x2 = aug(x), aug(x)         two random augmentations of a batch   augment() in train()
+    z1, z2 = f(x1), f(x2)           f = backbone + projection MLP          f = Sequential(...)
+    p1, p2 = h(z1), h(z2)           h = prediction MLP                     h = predictor()
+    L = D(p1, z2)/2 + D(p2, z1)/2   symmetrized loss (Eq. 2)               D() below
+    D(p, z) = -cos(p, stopgrad(z))  negative cosine, stop-gradient on z    D(), Eq. 1 and 3
+    L.backward(); update(f, h)      SGD, cosine decay, no warm-up          SGD, cosine_lr()
+
+In train(), lines marked `# run` are run plumbing (torchrun, progress lines, checkpoints,
+--stop-epoch): delete them and the loop still trains on one GPU.
 
 Evaluation (not part of the method): weighted kNN (k=200, t=0.1) on backbone features every
---eval-every epochs, with the collapse diagnostic of Fig. 2 (std of l2-normalized z, about
-1/sqrt(2048) = 0.022 when healthy, 0 when collapsed) and the spectrum / effective rank of z and
+--eval-every epochs, with the collapse diagnostic of Fig. 2 (std of l2-normalized z: about
+1/sqrt(2048) = 0.022 when healthy, 0 when collapsed) and the spectrum and effective rank of z and
 of the backbone features; a linear probe on frozen features at the end.
 
-Result reached by this file: not measured yet on a GPU (see README.md for measured numbers).
-Paper: 91.8% linear top-1 on CIFAR-10, ResNet-18, 800 epochs (App. D).
+Paper: 91.8% linear top-1 on CIFAR-10, ResNet-18, 800 epochs (App. D). This file's measured
+numbers: README.md.
 
-Deviations from the paper:
-  - Augmentation runs batched on the device (augmentation.py); each op equals torchvision's.
-  - The loss is computed in float32 under bf16 autocast on CUDA (speed; no algorithmic change).
-  - The two views go through f in two separate passes, as in the paper, so BN statistics are
-    per view (concatenating them changes the method).
+Deviations from the paper (none of them measured on a GPU yet):
+  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - bf16 autocast on CUDA, the loss in float32: speed, no algorithmic change.
 """
+import time
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from augmentation import Recipe, augment
-from common import backbone, cosine_lr, evaluate, load_data, probe
-from plumbing import Run, RunArgs, parse_args
+from common import (Recipe, RunArgs, augment, autocast, backbone, batches, cosine_lr, distribute,
+                    due, epoch_record, evaluate, finish, load_data, log, log_step, parse_args,
+                    probe, resume, save_checkpoint, setup, steps_per_epoch)
 
 
 @dataclass
@@ -49,12 +50,13 @@ class Args(RunArgs):
     dataset: str = "cifar10"  # App. D (cifar10 | cifar100 | stl10 | folder | synthetic)
     arch: str = "resnet18"  # App. D: ResNet-18, CIFAR stem (ImageNet: resnet50)
     image_size: int = 32  # App. D (ImageNet: 224)
+    zero_init_residual: bool = True  # official code (ImageNet): blocks' last BN starts at 0
     epochs: int = 800  # App. D (ImageNet: 100)
     batch_size: int = 512  # App. D (ImageNet: 512)
     base_lr: float = 0.03  # App. D: lr = base_lr x batch_size / 256 (ImageNet: 0.05)
     weight_decay: float = 5e-4  # App. D (ImageNet: 1e-4)
     momentum: float = 0.9  # Sec. 4
-    proj_dim: int = 2048  # App. D: 2-layer projection MLP, hidden and output 2048 (ImageNet: 3 layers)
+    proj_dim: int = 2048  # App. D: 2-layer projection MLP, 2048 wide (ImageNet: 3 layers)
     pred_hidden: int = 512  # Sec. 4: bottleneck predictor 2048 -> 512 -> 2048
     crop_scale: tuple = (0.2, 1.0)  # App. D: (0.08, 1) hurts on CIFAR
     jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # Sec. 4 / MoCo v2: brightness, contrast, saturation, hue
@@ -68,13 +70,13 @@ class Args(RunArgs):
 
 def projector(in_dim, dim):
     """CIFAR projection MLP (App. D): 2 layers, BN on both, the output BN without affine."""
-    return nn.Sequential(nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(inplace=True),
+    return nn.Sequential(nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(True),
                          nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
 
 
 def predictor(dim, hidden):
     """Prediction MLP h (Sec. 4): bottleneck, BN + ReLU in the hidden layer only."""
-    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(inplace=True),
+    return nn.Sequential(nn.Linear(dim, hidden, bias=False), nn.BatchNorm1d(hidden), nn.ReLU(True),
                          nn.Linear(hidden, dim))
 
 
@@ -86,31 +88,36 @@ def D(p, z, stop_grad=True):
 
 
 def train(args):
-    run = Run(args, "simsiam")
-    data = load_data(args, run.device)
-    encoder = backbone(args.arch, args.image_size)
-    f = nn.Sequential(encoder, projector(encoder.dim, args.proj_dim)).to(run.device)
-    h = (predictor(args.proj_dim, args.pred_hidden) if args.predictor else nn.Identity()).to(run.device)
+    device, out, ckpt = setup(args)  # device, torchrun, seed, run folder, --resume's options
+    data = load_data(args, device)
+    encoder = backbone(args.arch, args.image_size, args.zero_init_residual)
+    f = nn.Sequential(encoder, projector(encoder.dim, args.proj_dim)).to(device)
+    h = (predictor(args.proj_dim, args.pred_hidden) if args.predictor else nn.Identity()).to(device)
     lr = args.base_lr * args.batch_size / 256
     optimizer = torch.optim.SGD([{"params": f.parameters(), "fixed_lr": False},
                                  {"params": h.parameters(), "fixed_lr": args.fix_pred_lr}],
                                 lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
-                                fused=run.device.type == "cuda" or None)  # one kernel for the whole step
-    view = Recipe(size=args.image_size, scale=args.crop_scale, jitter=args.jitter, jitter_p=args.jitter_p,
-                  gray_p=args.gray_p, blur_p=args.blur_p)
-    steps = run.steps_per_epoch(len(data.ssl_x))
-    report = partial(evaluate, encoder, data, args, {"z": f[1]})  # kNN on f's backbone, std of z
-    start = run.start(encoder, report, f=f, h=h, optimizer=optimizer)
-    f, h = run.distribute(f), run.distribute(h)
+                                fused=device.type == "cuda" or None)  # one kernel for the update
+    view = Recipe(size=args.image_size, scale=args.crop_scale, jitter=args.jitter,
+                  jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p)
+    heads = {"z": f[1]}  # evaluation: kNN on the backbone, collapse diagnostics of z
+    state = dict(f=f, h=h, optimizer=optimizer)  # what a checkpoint holds
+    start, record = resume(args, ckpt, state)  # --resume: the epoch to go on from, else 0
+    if start == 0 and args.eval_every:  # the network at initialization, as epoch 0
+        record = log(out, {"epoch": 0, **evaluate(encoder, data, args, heads)})
+    f, h = distribute(f, args), distribute(h, args)  # run: channels_last, DDP, --compile
+    steps = steps_per_epoch(args, len(data.ssl_x))
 
     for epoch in range(start, args.epochs):
-        for step, idx in run.batches(epoch):
+        t0, losses = time.time(), []
+        for step, idx in enumerate(batches(args, epoch, len(data.ssl_x), device)):
+            k = epoch * steps + step  # cosine decay per step; --fix-pred-lr: h keeps lr
             for group in optimizer.param_groups:
-                group["lr"] = lr if group["fixed_lr"] else cosine_lr(epoch * steps + step, args.epochs * steps, lr)
+                group["lr"] = lr if group["fixed_lr"] else cosine_lr(k, args.epochs * steps, lr)
             x = data.ssl_x[idx]
             # Alg. step: two randomly augmented views x1, x2 of the batch x
             x1, x2 = data.normalize(augment(x, view)), data.normalize(augment(x, view))
-            with run.autocast():
+            with autocast(device):
                 # Alg. step: projections z1, z2 = f(x1), f(x2)  (f = backbone + projection MLP)
                 z1, z2 = f(x1), f(x2)
                 # Alg. step: predictions p1, p2 = h(z1), h(z2)
@@ -121,10 +128,19 @@ def train(args):
             optimizer.zero_grad(set_to_none=True)
             L.backward()
             optimizer.step()
-            run.step(L, len(idx))
-        run.end_epoch(epoch)
+            losses.append(L.detach())
+            log_step(out, args, epoch, step, steps, L, t0)  # run: progress line, nan/inf stop
+        record = epoch_record(out, args, epoch, losses, t0)  # loss over ranks, img/s, ETA
+        if due(args, epoch):
+            record.update(evaluate(encoder, data, args, heads))
+        log(out, record)
+        save_checkpoint(out, args, epoch + 1, state, record)  # run: every rank's RNG too
+        if epoch + 1 == args.stop_epoch:  # run: stop here, --resume goes on
+            break  # run
 
-    return run.finish(partial(probe, encoder, data, args))
+    if record.get("epoch") == args.epochs and args.probe_epochs:  # the run is complete
+        record.update(probe(encoder, data, args))
+    return finish(out, args, record, encoder)  # run: backbone.pt, final line
 
 
 if __name__ == "__main__":

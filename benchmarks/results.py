@@ -1,15 +1,20 @@
-"""README's GPU results section, generated from the reports under benchmarks/results/ (never typed).
+"""README's GPU results section, generated from the reports under benchmarks/results/ (never
+typed).
 
-Each folder under benchmarks/results/ holds what one GPU session brought back, as it came back:
-the commands it ran (*-command.sh), their logs, and the markdown tables the benchmark scripts
-wrote. This script reads them and rewrites the part of README.md between the two markers
-`<!-- results:begin -->` and `<!-- results:end -->`.
+Each folder under benchmarks/results/ holds what one GPU session brought back, as it came back.
+Either the files of benchmarks/gpu_check.py (results.json, report.md, log.txt, metrics.jsonl,
+knn.png): its results.json is read; or, before gpu_check.py, the commands a session ran
+(*-command.sh), their logs and the markdown tables the benchmark scripts wrote: those are parsed.
+This script rewrites the part of README.md between the two markers `<!-- results:begin -->` and
+`<!-- results:end -->`.
 
     python benchmarks/results.py            # rewrite README.md's section
     python benchmarks/results.py --check    # exit 1 if README.md is not what the reports give
 """
 import argparse
 import glob
+import json
+import math
 import os
 import re
 import sys
@@ -42,7 +47,8 @@ def runs_in_log(path):
 
 
 def read_folder(folder):
-    """What one session's folder gives: device line, smoke results, throughput per method and mode."""
+    """What one session's folder gives: device line, smoke results, throughput per method and
+    mode."""
     info = {"device": None, "smoke": {}, "eager": {}, "compile": {}, "conventional": []}
     for path in sorted(glob.glob(os.path.join(folder, "*.md"))):
         with open(path) as fh:
@@ -50,7 +56,8 @@ def read_folder(folder):
         m = re.search(r"Device: ([^;]+); torch ([^;]+); (\d{4}-\d{2}-\d{2})", text)
         if m:
             info["device"] = m.groups()
-        for row in re.findall(r"^\| conventional \(([^)]*)\) \| (\d+) \| (\w+) \| (\d+) \|", text, re.M):
+        for row in re.findall(r"^\| conventional \(([^)]*)\) \| (\d+) \| (\w+) \| (\d+) \|",
+                              text, re.M):
             info["conventional"].append((row[0], float(row[3])))
     for path in sorted(glob.glob(os.path.join(folder, "*.err"))):
         mode = "compile" if "compile" in os.path.basename(path) else "eager"
@@ -64,10 +71,13 @@ def read_folder(folder):
     return info
 
 
-def section():
+def section(results=RESULTS):
     lines = []
-    for folder in sorted(glob.glob(os.path.join(RESULTS, "*/"))):
-        info, name = read_folder(folder), os.path.basename(os.path.normpath(folder))
+    for folder in sorted(glob.glob(os.path.join(results, "*/"))):
+        if os.path.exists(os.path.join(folder, "results.json")):
+            lines += render_gpu_check(folder)
+            continue
+        info = read_folder(folder)
         if info["device"] is None:
             continue
         device, torch_version, date = info["device"]
@@ -82,8 +92,10 @@ def section():
             lines += [f"`--smoke` on CUDA: {', '.join(ok) or 'none'} ran to the end"
                       + (f"; failed: {', '.join(bad)}" if bad else "") + ".", ""]
         conv = [ips for _, ips in info["conventional"]]
-        conv_txt = (f"{min(conv):.0f}-{max(conv):.0f}" if len(conv) > 1 else f"{conv[0]:.0f}") if conv else "-"
-        lines += ["| method | img/s eager | s/epoch eager | img/s --compile | eager vs DataLoader |",
+        conv_txt = ((f"{min(conv):.0f}-{max(conv):.0f}" if len(conv) > 1 else f"{conv[0]:.0f}")
+                    if conv else "-")
+        lines += ["| method | img/s eager | s/epoch eager | img/s --compile | "
+                  "eager vs DataLoader |",
                   "|---|---|---|---|---|"]
         for m in METHODS:
             e, c = info["eager"].get(m), info["compile"].get(m)
@@ -99,30 +111,128 @@ def section():
                          f"{EPOCH / max(conv):.1f}-{EPOCH / min(conv):.1f} | | 1x |")
         lines.append("")
         lines += ["Several values in a cell: separate runs of the same command (logs give 4 "
-                  "significant digits). The conventional pipeline (torchvision transforms per image "
-                  "in DataLoader workers, the same SimSiam step) ran once per `throughput.py` call; "
-                  "the ratio spans its runs.", ""]
+                  "significant digits). The conventional pipeline (torchvision transforms per "
+                  "image in DataLoader workers, the same SimSiam step) ran once per "
+                  "`throughput.py` call; the ratio spans its runs.", ""]
     if not lines:
         lines = ["No GPU report yet.", ""]
-    lines += ["Published anchors (not measured here): lightly's CIFAR-10 benchmark, batch 512, kNN "
-              "top-1 at 200 / 100 epochs: " + ", ".join(f"{m} {a} / {b}" for m, (a, b) in LIGHTLY.items())
+    lines += ["Published anchors (not measured here): lightly's CIFAR-10 benchmark, batch 512, "
+              "kNN top-1 at 200 / 100 epochs: "
+              + ", ".join(f"{m} {a} / {b}" for m, (a, b) in LIGHTLY.items())
               + "; about 26 s per epoch on an RTX A6000.", ""]
     return "\n".join(lines)
 
 
+def _num(x, fmt="{:.0f}"):
+    ok = isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    return fmt.format(x) if ok else "-"
+
+
+def _cell(text):
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def _run_state(r):
+    """A gpu_check run's cell: ok, failed with its error line, skipped, not run."""
+    if not r:
+        return "not run"
+    if r.get("ok"):
+        return "ok"
+    if r.get("ok") is None:  # skipped for the budget: the reason
+        return _cell(r.get("error") or "not run")
+    return f"failed: {_cell(r.get('error') or '?')}"
+
+
+def render_gpu_check(folder):
+    """The README lines for a folder written by benchmarks/gpu_check.py (its results.json):
+    full-size table, throughput table, profile line, accuracy result with its kNN curve."""
+    with open(os.path.join(folder, "results.json")) as fh:
+        R = json.load(fh)
+    rel = os.path.relpath(folder, ROOT)
+    c, D = R.get("config", {}), R.get("data", {})
+    data = ("synthetic data" if c.get("dataset") == "synthetic" else
+            f"{c.get('dataset')} `{os.path.basename(str(D.get('root', '')))}`")
+    lines = [f"### {R.get('device')}, torch {R.get('torch')}, {str(R.get('date'))[:10]}"
+             + (" (dry run on CPU)" if R.get("dry_run") else ""), "",
+             f"Report, log and the exact command: [{rel}]({rel}). `benchmarks/gpu_check.py`, "
+             f"{_num(R.get('elapsed_s'))} s of a {_num(R.get('budget_s'))} s budget"
+             + ("" if R.get("finished") else f", stopped: {_cell(R.get('stopped'))}") + ": "
+             f"{data}, {c.get('arch')}, batch {c.get('batch_size')}, {c.get('image_size')} px, "
+             f"each method's own recipe otherwise; each run is its own train() for 2 epochs of "
+             f"{c.get('steps')} steps, the second timed.", ""]
+    F = R.get("fullsize", {}).get("methods", {})
+    if F:
+        lines += ["| method | eager | loss | peak memory (GiB) | --compile |",
+                  "|---|---|---|---|---|"]
+        for m, modes in F.items():
+            e = modes.get("eager") or {}
+            lines.append(f"| {m} | {_run_state(e)} | {_num(e.get('loss'), '{:.4f}')} | "
+                         f"{_num(e.get('peak_mem_gib'), '{:.2f}')} | "
+                         f"{_run_state(modes.get('compile'))} |")
+        lines.append("")
+    T = R.get("throughput", {})
+    conv = T.get("conventional") or {}
+    if T.get("methods"):
+        lines += ["| method | img/s eager | s/epoch | img/s --compile | vs DataLoader |",
+                  "|---|---|---|---|---|"]
+        for m, modes in T["methods"].items():
+            e, k = modes.get("eager") or {}, modes.get("compile") or {}
+            lines.append(f"| {m} | {_num(e.get('img_per_s'))} | "
+                         f"{_num(e.get('epoch_s'), '{:.1f}')} | {_num(k.get('img_per_s'))} | "
+                         f"{_num(e.get('vs_dataloader'), '{:.1f}x')} |")
+        if conv.get("img_per_s"):
+            lines.append(f"| conventional (SimSiam, DataLoader, {conv.get('workers')} workers) | "
+                         f"{_num(conv['img_per_s'])} | {_num(conv.get('epoch_s'), '{:.1f}')} | | "
+                         f"1x |")
+        lines.append("")
+    P = R.get("profile", {})
+    if P.get("status") == "done":
+        if P.get("device") == "cuda":
+            detail = (f"{_num(P.get('step_ms'), '{:.1f}')} ms per step, kernels "
+                      f"{_num(P.get('kernel_ms'), '{:.1f}')} ms, the host "
+                      f"{_num(P.get('host_ms'), '{:.1f}')} ms to issue "
+                      f"{_num(P.get('launches_per_step'))} launches "
+                      f"({_num(P.get('launch_ms'), '{:.1f}')} ms in launch calls)")
+        else:  # the verdict says it all
+            detail = f"{_num(P.get('step_ms'), '{:.1f}')} ms per step"
+        lines += [f"Profile of one SimSiam step (eager): {P.get('verdict')}; {detail}.", ""]
+    A = R.get("accuracy", {})
+    if A.get("epochs"):
+        lines += ["| method | epochs | kNN top-1 | linear top-1 | wall time |",
+                  "|---|---|---|---|---|",
+                  f"| {A.get('method')} | {A.get('epochs_done', 0)} of {A['epochs']} | "
+                  f"{_num(A.get('knn_top1'), '{:.2f}')} | {_num(A.get('linear_top1'), '{:.2f}')} "
+                  f"| {_hms(A.get('wall_s'))} |", ""]
+        if A.get("png") and os.path.exists(os.path.join(folder, A["png"])):
+            lines += [f"![kNN top-1 by epoch, {A.get('method')}]({rel}/{A['png']})", ""]
+    elif A.get("status"):
+        lines += [f"Accuracy run: {_cell(A['status'])}.", ""]
+    return lines
+
+
+def _hms(seconds):
+    if not isinstance(seconds, (int, float)):
+        return "-"
+    s = int(round(seconds))
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--check", action="store_true", help="only check that README.md is current")
+    parser.add_argument("--check", action="store_true",
+                        help="only check that README.md is current")
     parser.add_argument("--readme", default=os.path.join(ROOT, "README.md"))
     args = parser.parse_args()
     with open(args.readme) as fh:
         text = fh.read()
     if BEGIN not in text or END not in text:
-        sys.exit(f"error: {args.readme} has no {BEGIN} ... {END} markers; add them where the section goes")
+        sys.exit(f"error: {args.readme} has no {BEGIN} ... {END} markers; add them where the "
+                 f"section goes")
     head, rest = text.split(BEGIN, 1)
     new = head + BEGIN + "\n" + section() + END + rest.split(END, 1)[1]
     if args.check:
-        sys.exit(0 if new == text else f"{args.readme} is out of date; run python benchmarks/results.py")
+        sys.exit(0 if new == text else
+                 f"{args.readme} is out of date; run python benchmarks/results.py")
     with open(args.readme, "w") as fh:
         fh.write(new)
 

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import common
 import directclr
 from clirun import RUN_FILES, check_help, check_smoke
-from plumbing import parse_args
+from common import parse_args
 
 
 def literal_loss(z1, z2, tau, same_side_negatives):
@@ -143,7 +143,7 @@ def read_metrics(tmp_path):
 
 @pytest.mark.parametrize("projector, dim_z", [("mlp", 128), ("linear", 128), ("none", None)])
 def test_smoke_runs_for_each_baseline_projector(projector, dim_z, tmp_path):
-    # --smoke, shortened to one epoch of 2 steps without probe (in-process: plumbing.parse_args lets
+    # --smoke, shortened to one epoch of 2 steps without probe (in-process: common.parse_args lets
     # --smoke override explicit --epochs / --steps-per-epoch flags)
     args = parse_args(directclr.Args, ["--smoke", "--projector", projector, "--out-dir", str(tmp_path)])
     final = directclr.train(dataclasses.replace(args, epochs=1, steps_per_epoch=2, probe_epochs=0))
@@ -163,3 +163,16 @@ def test_smoke_directclr_logs_both_spectra_from_initialization_on(tmp_path):
     assert init["epoch"] == 0 and final["d0"] == 90 and final["final"] is True
     assert len(init["spectrum_z"]) == 90 and len(init["spectrum_r"]) == 512
     assert len(final["spectrum_z"]) == 90 and len(final["spectrum_r"]) == 512
+
+
+def test_baseline_projectors_have_the_official_shapes():
+    """mlp: bias-free Linear, BN, ReLU, bias-free Linear, BN (output BN included); linear: one
+    bias-free layer; direct and none: nothing to train."""
+    mlp = directclr.projector("mlp", 512, 128)
+    assert [type(m).__name__ for m in mlp] == ["Linear", "BatchNorm1d", "ReLU", "Linear",
+                                               "BatchNorm1d"]
+    assert mlp[0].bias is None and mlp[3].bias is None and mlp[4].num_features == 128
+    linear = directclr.projector("linear", 512, 128)
+    assert linear.bias is None and linear.weight.shape == (128, 512)
+    for kind in ("direct", "none"):
+        assert not list(directclr.projector(kind, 512, 128).parameters())

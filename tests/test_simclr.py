@@ -50,3 +50,10 @@ def test_help_lists_the_paper_hyperparameters():
 
 def test_smoke_runs_and_ends_with_a_knn_accuracy(tmp_path):
     check_smoke("simclr", tmp_path)
+
+
+def test_projection_head_is_the_papers_mlp():
+    """Sec. 2.1: z = W2 relu(W1 h), one hidden layer as wide as h (Sec. 2.3), 128-d z."""
+    g = simclr.projection_head(512, 128)
+    assert [type(m).__name__ for m in g] == ["Linear", "ReLU", "Linear"]
+    assert (g[0].in_features, g[0].out_features, g[2].out_features) == (512, 512, 128)

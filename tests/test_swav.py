@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import swav
 from clirun import check_help, check_smoke
-from plumbing import parse_args
+from common import parse_args
 
 
 def sinkhorn_literal(scores, eps, niters):
@@ -110,7 +110,7 @@ def test_queue_is_first_in_first_out_and_joins_sinkhorn():
         queue.push(torch.full((2, 2, 3), float(t)))
     assert queue.z.shape == (2, 6, 3)
     assert queue.z[0, :, 0].tolist() == [4, 4, 3, 3, 2, 2]  # newest first, steps 0 and 1 dropped
-    restored = swav.Queue(2, 6, 3)
+    restored = swav.Queue(2, 6, 3)  # loads the queue of this rank (one process: the only one)
     restored.load_state_dict(queue.state_dict())  # saved in checkpoints with the rest of the state
     assert torch.equal(restored.z, queue.z)
     # with the queue: Sinkhorn over batch + queue, only the batch's rows of Q are kept
@@ -155,7 +155,8 @@ def test_prototypes_frozen_then_updated_and_always_unit_norm(tmp_path):
     assert (f2 - f1).abs().max() > 1e-4  # the network trained meanwhile
     for C in (C1, C2, C3):
         torch.testing.assert_close(C.norm(dim=1), torch.ones(len(C)))
-    assert third["epoch"] == 3 and third["queue"]["_extra_state"].shape == (2, 3 * 16, 16)  # saved, grows with each batch
+    (queue,) = third["queue"]["_extra_state"]  # one process: one queue, saved with the run
+    assert third["epoch"] == 3 and queue.shape == (2, 3 * 16, 16)  # grows with each batch
 
 
 def test_queue_changes_the_codes_only_once_active(tmp_path):
@@ -164,7 +165,7 @@ def test_queue_changes_the_codes_only_once_active(tmp_path):
     late, state, _ = tiny_run(tmp_path / "late", *flags, "--queue-length", "24", "--queue-start-epoch", "1")
     assert late[0]["loss"] == without[0]["loss"]  # epoch 1: queue filling, not used
     assert late[1]["loss"] != without[1]["loss"]  # epoch 2: the queue joins Sinkhorn
-    assert state["queue"]["_extra_state"].shape == (2, 24, 16)  # 2 batches of 16 in, cut to the length
+    assert state["queue"]["_extra_state"][0].shape == (2, 24, 16)  # 2 batches of 16, cut to 24
 
 
 def test_help_lists_the_paper_hyperparameters():
