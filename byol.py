@@ -7,6 +7,7 @@ NeurIPS 2020. https://arxiv.org/abs/2006.07733
     torchrun --nproc_per_node=8 byol.py        # 8 GPUs: DDP + SyncBN, --batch-size is global
     python byol.py --resume runs/<run folder>  # go on after a stop, Ctrl-C or crash
     python byol.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
+    python byol.py --recipe imagenet --data-dir /data/imagenet  # Sec. 3.3: ResNet-50, 224 px
     python byol.py --tau-base 1                # Sec. 5: target never updated, stays random
     python byol.py --help                      # every hyper-parameter and its source
 
@@ -37,7 +38,7 @@ gives the defaults below (solo-learn's CIFAR-10 BYOL); the paper itself reports 
 Deviations from the paper (none of them measured on a GPU yet):
   - CIFAR-10 defaults (the paper has none): batch 256, LARS lr 1.0 with trust coefficient 0.02
     and LARC clipping, wd 1e-5, tau_base 0.99, no blur; ImageNet values in the Args comments.
-  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - Augmentation batched on the device (streamed: crops cut by workers); ops equal torchvision's.
   - bf16 autocast on CUDA, the losses in float32: speed, no algorithmic change.
   - The target's BN running statistics are its own, not averaged: they never enter the loss.
   - Each view goes through each network in its own pass (BN statistics per view; the paper
@@ -82,6 +83,13 @@ class Args(RunArgs):
     gray_p: float = 0.2  # App. B
     blur_p: tuple = (0.0, 0.0)  # CIFAR recipe: no blur (ImageNet: 1.0 for T, 0.1 for T', App. B)
     solarize_p: tuple = (0.0, 0.2)  # CIFAR recipe and App. B: 0 for T, 0.2 for T'
+
+# --recipe imagenet: Sec. 3.3 and App. B (ResNet-50, batch 4096, LARS eta 0.001 unclipped);
+# streamed (crops see the whole image); evaluation only at the end, cached (README: ImageNet)
+IMAGENET = dict(dataset="folder", stream=True, eval_every=0, probe="cached", arch="resnet50",
+                image_size=224, epochs=1000, batch_size=4096, base_lr=0.2, weight_decay=1.5e-6,
+                lars_eta=0.001, lars_clip=False, tau_base=0.996, blur_p=(1.0, 0.1),
+                solarize_p=(0.0, 0.2))
 
 
 def mlp(in_dim, hidden, out_dim):
@@ -140,13 +148,13 @@ def train(args):
 
     for epoch in range(start, args.epochs):
         t0, losses = time.time(), []
-        for step, idx in enumerate(batches(args, epoch, len(data.ssl_x), device)):
+        for step, (v, v_prime) in enumerate(batches(args, epoch, data, [T, T_prime])):
             k = epoch * steps + step
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(k, K, lr, warmup)
             # Alg. step: sample a batch x and views v = t(x), v' = t'(x) with t ~ T, t' ~ T'
-            x = data.ssl_x[idx]
-            v, v_prime = data.normalize(augment(x, T)), data.normalize(augment(x, T_prime))
+            # (batches() cuts the random crops, augment() does the rest)
+            v, v_prime = data.normalize(augment(v, T)), data.normalize(augment(v_prime, T_prime))
             with autocast(device):
                 # Alg. step: online projections z = g_theta(f_theta(.)) of both views
                 z1, z2 = online(v), online(v_prime)
@@ -181,4 +189,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    train(parse_args(Args))
+    train(parse_args(Args, recipes={"imagenet": IMAGENET}))

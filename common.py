@@ -1,6 +1,7 @@
 """What the five method files share and no paper describes: run helpers (flags, set-up, resume,
-logging, checkpoints), torchrun collectives, LARS and the learning-rate schedule, data (with the
-batched augmentation), backbone and evaluation. Plain functions; the training loop itself is in
+logging, checkpoints), torchrun collectives, LARS and the learning-rate schedule, data (in device
+memory, or streamed from disk by DataLoader workers), the batched augmentation, backbone and
+evaluation. Plain functions; the training loop itself is in
 each method file. Neutral names here (backbone, mlp, features); each method file uses its own
 paper's symbols.
 
@@ -9,6 +10,7 @@ Sections: run | distributed | optimization | data | augmentation | backbone | ev
 import argparse
 import copy
 import dataclasses
+import datetime
 import inspect
 import json
 import math
@@ -51,6 +53,10 @@ class RunArgs:
     knn_t: float = 0.1
     smoke: bool = False  # tiny run on 16-px synthetic data with the small backbone, same code path
     compile: bool = False  # torch.compile the networks (off: slower on an H200, see README)
+    stream: bool = False  # --dataset folder: decode images in DataLoader workers, batch by batch
+    workers: int = 8  # the streamed path's decoding processes per GPU (0: in the main process)
+    skip_bad_images: bool = False  # streamed path: skip (and name) damaged images, do not stop
+    recipe: str = ""  # "imagenet": the file's ImageNet recipe as the defaults (see --help)
 
 
 PROBES = ("augmented", "cached")
@@ -59,16 +65,31 @@ SMOKE = dict(dataset="synthetic", arch="small", image_size=16, epochs=2, batch_s
 # may be given another value on --resume: they do not change what the run computes, except
 # base_lr (to go on from the last good checkpoint with a lower rate after the loss diverged)
 RESUME_MAY_CHANGE = ("data_dir", "eval_every", "log_every", "probe_epochs", "probe", "knn_k",
-                     "knn_t", "smoke", "base_lr", "compile")
+                     "knn_t", "smoke", "base_lr", "compile", "workers", "skip_bad_images")
 RESUME_NEW = ("resume", "out_dir", "stop_epoch")  # always this invocation's
 
 
-def parse_args(Args, argv=None):
+def parse_args(Args, argv=None, recipes=None):
     """Args dataclass -> command line: every field is a --flag with its default; the trailing
-    `# comment` of each field is its help text."""
+    `# comment` of each field is its help text. recipes: {"imagenet": {field: value}}, the
+    defaults that --recipe imagenet puts in place of the CIFAR ones (flags given still win)."""
     module = sys.modules[Args.__module__]
+    recipes = recipes or {}
+    file = os.path.basename(module.__file__)
+    def flag(k, v):
+        k = k.replace("_", "-")
+        if isinstance(v, bool):
+            return f"--{k}" if v else f"--no-{k}"
+        return f"--{k} {' '.join(map(str, v)) if isinstance(v, tuple) else v}"
+    epilog = "".join(f"--recipe {name} sets: " + " ".join(flag(k, v) for k, v in r.items())
+                     + "\n\n" for name, r in recipes.items())
+    if "imagenet" in recipes:
+        epilog += (f"ImageNet on 8 GPUs:\n  torchrun --nproc_per_node=8 {file} --recipe imagenet "
+                   f"--data-dir /data/imagenet\nOn several nodes (the same command on each):\n"
+                   f"  torchrun --nnodes=4 --nproc_per_node=8 --rdzv-backend=c10d "
+                   f"--rdzv-endpoint=HOST:29500 {file} --recipe imagenet --data-dir /data/imagenet")
     parser = argparse.ArgumentParser(description=(module.__doc__ or "").strip().split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                     epilog=epilog or None, formatter_class=_HelpFormatter)
     helps = {}
     for klass in reversed(Args.__mro__):
         if dataclasses.is_dataclass(klass):
@@ -84,10 +105,20 @@ def parse_args(Args, argv=None):
         else:
             parser.add_argument(flag, type=f.type, default=default, help=h)
     ns = vars(parser.parse_args(argv))
+    if ns["recipe"]:  # the recipe's values replace the defaults; flags given explicitly still win
+        if ns["recipe"] not in recipes:
+            fail(f"unknown --recipe {ns['recipe']!r}; choose one of "
+                 f"{', '.join(recipes) or 'none (this file has no other recipe)'}")
+        parser.set_defaults(**recipes[ns["recipe"]])
+        ns = vars(parser.parse_args(argv))
     if ns["smoke"]:  # smoke settings replace the defaults; flags given explicitly still win
         parser.set_defaults(**{k: v for k, v in SMOKE.items() if k in ns})
         ns = vars(parser.parse_args(argv))
     return Args(**{k: tuple(v) if isinstance(v, list) else v for k, v in ns.items()})
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Defaults in the help, the epilog's lines as written."""
 
 
 def method_name(args):
@@ -121,7 +152,9 @@ def setup(args):
         device = torch.device("cpu")
         torch.set_flush_denormal(True)  # zero-initialized residual branches: CPU denormals crawl
     if int(os.environ.get("WORLD_SIZE", 1)) > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        # the others wait while rank 0 evaluates: at ImageNet scale beyond the 10-minute default
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                timeout=datetime.timedelta(hours=2))
     if args.batch_size % world_size():
         fail(f"--batch-size {args.batch_size} (the global batch) does not split evenly over "
              f"{world_size()} processes; pick a multiple of {world_size()}")
@@ -140,6 +173,8 @@ def setup(args):
                 json.dump({"method": method, **dataclasses.asdict(args)}, fh, indent=1)
     if threading.current_thread() is threading.main_thread():
         def interrupted(signum, frame):
+            if _writes["thread"] is not None:  # the checkpoint in flight lands first
+                _writes["thread"].join()
             done = os.path.exists(os.path.join(out, "checkpoint.pt"))
             fail(f"interrupted ({signal.Signals(signum).name}); " + (
                 f"go on from the last finished epoch with --resume {out}" if done else
@@ -255,13 +290,20 @@ def steps_per_epoch(args, n):
     return min(full, args.steps_per_epoch) if args.steps_per_epoch > 0 else full
 
 
-def batches(args, epoch, n, device):
+def batches(args, epoch, data, recipes):
+    """This rank's batches of one epoch, each as one random resized crop per recipe (the first
+    op of each view; augment() does the rest), from memory or streamed (crops())."""
+    seed = args.seed * 1_000_003 + epoch
+    return crops(data, data.ssl_x, epoch_indices(args, seed, len(data.ssl_x)), recipes, seed)
+
+
+def epoch_indices(args, seed, n):
     """This rank's image indices for each step of one epoch (steps x batch per rank): a
-    permutation drawn from (seed, epoch), the same on every rank, cut into global batches of
+    permutation drawn from seed, the same on every rank, cut into global batches of
     --batch-size, of which each rank takes its own slice."""
-    g = torch.Generator().manual_seed(args.seed * 1_000_003 + epoch)
-    perm = torch.randperm(n, generator=g)[:steps_per_epoch(args, n) * args.batch_size]
-    return perm.view(-1, world_size(), args.batch_size // world_size())[:, rank()].to(device)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    perm = perm[:steps_per_epoch(args, n) * args.batch_size]
+    return perm.view(-1, world_size(), args.batch_size // world_size())[:, rank()]
 
 
 def log_step(out, args, epoch, step, steps, loss, t0):
@@ -323,8 +365,9 @@ def hms(seconds):
 
 def save_checkpoint(out, args, epoch, state, record):
     """After `epoch` epochs: every network, the optimizer and the rest of `state`, every rank's
-    random state and the epoch's record, written atomically (a kill never leaves half a file).
-    Under torchrun the ranks' networks must still be identical (a check, or a bug report)."""
+    random state and the epoch's record, copied to host memory, then written atomically by a
+    background thread while training goes on (a kill never leaves half a file). Under torchrun
+    the ranks' networks must still be identical (a check, or a bug report)."""
     rng = {"cpu": torch.get_rng_state(),
            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
     rngs = [rng]
@@ -339,9 +382,43 @@ def save_checkpoint(out, args, epoch, state, record):
             fail("the processes' networks differ after an epoch; please report this as a bug")
     states = {name: obj.state_dict() for name, obj in state.items()}  # every rank: may gather
     if rank() == 0:
-        save_atomic({"method": method_name(args), "args": dataclasses.asdict(args),
-                     "epoch": epoch, "rng": rngs, "record": record, **states},
-                    os.path.join(out, "checkpoint.pt"))
+        obj = _host_copy({"method": method_name(args), "args": dataclasses.asdict(args),
+                          "epoch": epoch, "rng": rngs, "record": record, **states})
+        wait_for_writes()
+        _writes["thread"] = threading.Thread(target=_write, args=(obj, out))
+        _writes["thread"].start()
+
+
+_writes = {"thread": None, "error": None}  # the checkpoint being written in the background
+
+
+def _host_copy(obj):
+    """A copy in host memory that training cannot change: tensors to the CPU, containers rebuilt."""
+    if torch.is_tensor(obj):
+        return obj.detach().cpu() if obj.is_cuda else obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _host_copy(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_host_copy(v) for v in obj)
+    return copy.deepcopy(obj)
+
+
+def _write(obj, out):
+    try:
+        save_atomic(obj, os.path.join(out, "checkpoint.pt"))
+    except Exception as e:  # reported by the main thread at its next wait
+        _writes["error"] = f"{type(e).__name__}: {e}"
+
+
+def wait_for_writes():
+    """Until the checkpoint in flight is on disk; one line if it could not be written."""
+    if _writes["thread"] is not None:
+        _writes["thread"].join()
+        _writes["thread"] = None
+    if _writes["error"]:
+        error, _writes["error"] = _writes["error"], None
+        fail(f"could not write the checkpoint ({error}); free disk space or choose --out-dir, "
+             f"then --resume from the last checkpoint.pt")
 
 
 def save_atomic(obj, path):
@@ -353,6 +430,7 @@ def finish(out, args, record, encoder):
     """The end of a run, or its stop at --stop-epoch: backbone.pt (loads into torchvision's
     ResNet, see backbone()), the last record marked final in metrics.jsonl, and where to look.
     Returns the record with the run folder."""
+    wait_for_writes()
     if rank() == 0:
         save_atomic(encoder.state_dict(), os.path.join(out, "backbone.pt"))
     log(out, {"final": True, **record})
@@ -497,22 +575,49 @@ def exclude_bias_and_norm(*modules):
 
 @dataclasses.dataclass
 class Data:
-    """Images as uint8 N x 3 x H x W on the device, labels as int64."""
-    ssl_x: torch.Tensor  # what self-supervised training draws from
-    train_x: torch.Tensor  # labelled training set: the kNN memory bank and the probe's training set
+    """The images (uint8 N x 3 x H x W on the device, or ImageFiles when streamed) and int64
+    labels on the device."""
+    ssl_x: "torch.Tensor | ImageFiles"  # what self-supervised training draws from
+    train_x: "torch.Tensor | ImageFiles"  # labelled training set: kNN memory bank, probe
     train_y: torch.Tensor
-    test_x: torch.Tensor
+    test_x: "torch.Tensor | ImageFiles"
     test_y: torch.Tensor
     num_classes: int
 
     def __post_init__(self):
-        x = self.train_x.float().div_(255)
-        self.mean = x.mean(dim=(0, 2, 3)).view(1, 3, 1, 1)
-        self.std = x.std(dim=(0, 2, 3)).clamp(min=1 / 255).view(1, 3, 1, 1)  # constant channel
+        n = len(self.train_x)  # channel statistics of the training set (streamed: 2048 of them)
+        idx = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:2048]
+        x = (self.train_x.float() if torch.is_tensor(self.train_x) else
+             torch.cat([c for c, in crops(self, self.train_x, idx.split(256), [None])]).float())
+        x = x.div_(255)
+        self.mean = x.mean(dim=(0, 2, 3)).view(1, 3, 1, 1).to(self.device)
+        self.std = x.std(dim=(0, 2, 3)).clamp(min=1 / 255).view(1, 3, 1, 1).to(self.device)
+
+    @property
+    def device(self):
+        return self.train_y.device
+
+    @property
+    def size(self):
+        """Side of the images as evaluation sees them."""
+        return self.train_x.size if isinstance(self.train_x, ImageFiles) else self.train_x.shape[-1]
 
     def normalize(self, x):
         """float images in [0, 1] -> per-channel standardized (statistics of the training set)."""
         return (x - self.mean) / self.std
+
+
+@dataclasses.dataclass
+class ImageFiles:
+    """Images left on disk (the streamed path): DataLoader workers decode them when a batch needs
+    them. Evaluation reads each as a size x size center square."""
+    paths: list
+    size: int
+    workers: int = 0
+    skip_bad: bool = False
+
+    def __len__(self):
+        return len(self.paths)
 
 
 DATASETS = ("cifar10", "cifar100", "stl10", "folder", "synthetic")
@@ -520,14 +625,28 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".webp", ".tif", ".
 
 
 def load_data(args, device):
-    """Decode the dataset once into uint8 tensors on the device."""
-    name, root, size = args.dataset, args.data_dir, args.image_size
-    if name == "synthetic":
+    """Decode the dataset once into uint8 tensors on the device; an ImageFolder whose decoded
+    images would not fit there (or with --stream) stays on disk as ImageFiles."""
+    name, root, size, device = args.dataset, args.data_dir, args.image_size, torch.device(device)
+    if name == "folder":
+        (train, y_tr), (test, y_te) = folder_files(root)
+        need = (len(train) + len(test)) * 3 * size * size
+        stream = args.stream or need > 0.5 * free_memory(device)
+        if stream:
+            print_main(f"streaming {len(train)} + {len(test)} images from {root} with "
+                       f"{args.workers} workers per process (decoded: {need / 2**30:.1f} GiB)")
+            train, test = (ImageFiles(p, size, args.workers, args.skip_bad_images)
+                           for p in (train, test))
+            return Data(train, train, y_tr.to(device), test, y_te.to(device),
+                        int(y_tr.max()) + 1)
+        x_tr = _read_all(train, size)
+        parts = x_tr, x_tr, y_tr, _read_all(test, size), y_te
+    elif args.stream:
+        fail(f"--stream reads image files: use it with --dataset folder (not {name!r})")
+    elif name == "synthetic":
         parts = synthetic_dataset(size)
     elif name in ("cifar10", "cifar100", "stl10"):
         parts = _torchvision_dataset(name, root)
-    elif name == "folder":
-        parts = folder_dataset(root, size)
     else:
         fail(f"unknown --dataset {name!r}; choose one of {', '.join(DATASETS)}")
     ssl_x, train_x, train_y, test_x, test_y = parts
@@ -535,6 +654,13 @@ def load_data(args, device):
     num_classes = int(train_y.max()) + 1
     return Data(ssl_x.to(device), train_x.to(device), train_y.to(device), test_x.to(device),
                 test_y.to(device), num_classes)
+
+
+def free_memory(device):
+    """Bytes free on the device (CUDA) or in host memory (CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
 
 
 def _resize(x, size):
@@ -565,8 +691,9 @@ def _torchvision_dataset(name, root):
     return x_tr, x_tr, torch.tensor(tr.targets), x_te, torch.tensor(te.targets)
 
 
-def folder_dataset(root, size):
-    """ImageFolder layout: root/train/<class>/*.jpg and root/test/<class>/ (or val/)."""
+def folder_files(root):
+    """ImageFolder layout: root/train/<class>/*.jpg and root/test/<class>/ (or val/). Returns
+    (paths, labels) of train and of test."""
     layout = ("<root>/train/<class>/<image> and <root>/test/<class>/<image> (or val/ instead of "
               "test/)")
     if not os.path.isdir(root):
@@ -578,12 +705,10 @@ def folder_dataset(root, size):
     classes = sorted(d.name for d in os.scandir(os.path.join(root, "train")) if d.is_dir())
     if not classes:
         fail(f"{os.path.join(root, 'train')} has no class folders; expected {layout}")
-    x_tr, y_tr = _read_split(os.path.join(root, "train"), classes, size)
-    x_te, y_te = _read_split(test_dir, classes, size)
-    return x_tr, x_tr, y_tr, x_te, y_te
+    return _list_split(os.path.join(root, "train"), classes), _list_split(test_dir, classes)
 
 
-def _read_split(split_dir, classes, size):
+def _list_split(split_dir, classes):
     files, labels = [], []
     for c, name in enumerate(classes):
         d = os.path.join(split_dir, name)
@@ -596,28 +721,143 @@ def _read_split(split_dir, classes, size):
                  f"class folder from train/ and test/")
         files += found
         labels += [c] * len(found)
-    if not files:
-        fail(f"no images ({', '.join(IMAGE_EXTENSIONS)}) under {split_dir}")
+    return files, torch.tensor(labels)
+
+
+def _read_all(paths, size):
+    def read(path):
+        try:
+            return read_views(path, [None], size, None)[0]
+        except Exception as e:
+            fail(f"cannot read image {path}: {e}; remove or replace the file")
     with ThreadPoolExecutor(8) as pool:
-        images = list(pool.map(lambda p: _read_image(p, size), files))
-    return torch.stack(images), torch.tensor(labels)
+        return torch.stack(list(pool.map(read, paths)))
 
 
-def _read_image(path, size):
-    """Decode one file to uint8 3 x size x size: RGB, center square, resized (PIL, bicubic)."""
+def read_views(path, recipes, size, rng, draft=True):
+    """Decode one file (RGB) into one uint8 3 x s x s view per recipe: recipe None is the image
+    as evaluation sees it (the center square resized to size, bicubic); a Recipe is its random
+    resized crop (box drawn by crop_box with rng on the full-resolution image, then resized to
+    recipe.size, bilinear with antialias: torchvision's RandomResizedCrop). PIL decodes, torch
+    resizes (faster than PIL's resize: benchmarks/loader.py). draft: a JPEG is decoded at 1/2,
+    1/4 or 1/8 scale (DCT scaling) when every view still gets at least its output size in pixels;
+    its boxes are then rounded to whole draft pixels."""
     from PIL import Image
-    try:
-        with Image.open(path) as im:
-            im = im.convert("RGB")
-            w, h = im.size
-            if (w, h) != (size, size):
-                s = min(w, h)
-                im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-                im = im.resize((size, size), Image.BICUBIC)
-            data = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
-    except Exception as e:
-        fail(f"cannot read image {path}: {e}; remove or replace the file")
-    return data.view(size, size, 3).permute(2, 0, 1).contiguous()
+    from torchvision.transforms.v2.functional import InterpolationMode, resized_crop
+    with Image.open(path) as im:
+        W, H = im.size
+        boxes = []  # (top, left, height, width) on the full image, output side, resampling
+        for r in recipes:
+            if r is None:
+                s = min(W, H)
+                boxes.append(((H - s) // 2, (W - s) // 2, s, s, size, InterpolationMode.BICUBIC))
+            else:
+                boxes.append((*crop_box(H, W, r.scale, r.ratio, rng), r.size,
+                              InterpolationMode.BILINEAR))
+        k = min(min(h, w) / s for _, _, h, w, s, _ in boxes)
+        sx = sy = 1.0
+        if draft and im.format == "JPEG" and k >= 2:
+            k = 8 if k >= 8 else 4 if k >= 4 else 2
+            scaled = im.draft("RGB", (W // k, H // k))  # (mode, (0, 0, W / scale, H / scale))
+            if scaled is not None:  # a draft pixel is scale x scale pixels of the full image
+                sx, sy = scaled[1][2] / W, scaled[1][3] / H
+        im = im.convert("RGB")
+        x = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8)
+        x = x.view(im.size[1], im.size[0], 3).permute(2, 0, 1)
+    views = []
+    for top, left, h, w, s, mode in boxes:  # the box in the decoded image's pixels
+        y0, x0 = round(top * sy), round(left * sx)
+        y1, x1 = max(y0 + 1, round((top + h) * sy)), max(x0 + 1, round((left + w) * sx))
+        views.append(resized_crop(x, y0, x0, y1 - y0, x1 - x0, [s, s], mode, antialias=True)
+                     .contiguous())
+    return views
+
+
+def crop_box(H, W, scale, ratio, rng):
+    """torchvision's RandomResizedCrop.get_params for one image, drawn with rng (random.Random):
+    10 tries of (area, log-ratio), the first that fits wins, else the central crop with the
+    ratio clamped. Returns (top, left, height, width)."""
+    area = H * W
+    for _ in range(10):
+        a = area * rng.uniform(*scale)
+        r = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = int(round(math.sqrt(a * r))), int(round(math.sqrt(a / r)))
+        if 0 < w <= W and 0 < h <= H:
+            return rng.randint(0, H - h), rng.randint(0, W - w), h, w
+    r = W / H
+    if r < ratio[0]:
+        w, h = W, int(round(W / ratio[0]))
+    elif r > ratio[1]:
+        h, w = H, int(round(H * ratio[1]))
+    else:
+        w, h = W, H
+    return (H - h) // 2, (W - w) // 2, h, w
+
+
+def crops(data, x, index_batches, recipes, seed=0):
+    """For each batch of indices into x, one view per recipe of those images, on the data's
+    device: a Recipe's random resized crop, float in [0, 1] (images in memory: cut on the device)
+    or uint8 (ImageFiles: cut at full resolution by DataLoader workers, each image's box drawn
+    from (seed, index)); None: the images as evaluation sees them, uint8."""
+    if isinstance(x, ImageFiles):
+        yield from _stream(data, x, index_batches, recipes, seed)
+        return
+    if torch.is_tensor(index_batches):
+        index_batches = index_batches.to(x.device)  # once: no host-to-device copy per step
+    for idx in index_batches:
+        images = x[idx.to(x.device)]
+        yield [images if r is None else crop(images, r) for r in recipes]
+
+
+class _Decode(torch.utils.data.Dataset):
+    """Dataset whose item is a whole batch: a list of indices -> (one uint8 tensor per recipe,
+    the damaged files met as [(position, path, reason)])."""
+
+    def __init__(self, files, recipes, seed):
+        self.files, self.recipes, self.seed = files, recipes, seed
+
+    def __getitem__(self, idx):
+        import random
+        out = [torch.zeros(len(idx), 3, *(2 * [r.size if r else self.files.size]),
+                           dtype=torch.uint8) for r in self.recipes]
+        bad = []
+        for j, i in enumerate(idx):
+            path = self.files.paths[i]
+            try:
+                views = read_views(path, self.recipes, self.files.size,
+                                   random.Random(self.seed * 100_000_007 + i))
+            except Exception as e:  # reported by the main process: no traceback from a worker
+                bad.append((j, path, f"{type(e).__name__}: {e}"))
+                continue
+            for o, v in zip(out, views):
+                o[j] = v
+        return out, bad
+
+
+_skipped = set()  # damaged files named once each (--skip-bad-images)
+
+
+def _stream(data, files, index_batches, recipes, seed):
+    loader = torch.utils.data.DataLoader(
+        _Decode(files, recipes, seed), sampler=[idx.tolist() for idx in index_batches],
+        batch_size=None, num_workers=files.workers, pin_memory=data.device.type == "cuda",
+        prefetch_factor=4 if files.workers else None)
+    for out, bad in loader:
+        for j, path, reason in bad:
+            if not files.skip_bad:
+                fail(f"cannot read image {path} ({reason}); remove or replace the file, or pass "
+                     f"--skip-bad-images")
+            if path not in _skipped:
+                _skipped.add(path)
+                print(f"skipping damaged image {path} ({reason})", file=sys.stderr, flush=True)
+        if bad:  # each damaged image's place in the batch goes to an intact image of the batch
+            good = sorted(set(range(len(out[0]))) - {j for j, _, _ in bad})
+            if not good:
+                fail(f"every image of a batch is damaged (e.g. {bad[0][1]}); check --data-dir")
+            fill = torch.tensor([good[j % len(good)] for j, _, _ in bad])
+            for o in out:
+                o[[j for j, _, _ in bad]] = o[fill]
+        yield [o.to(data.device, non_blocking=True) for o in out]
 
 
 def synthetic_dataset(size=32, n_train=2560, n_test=1000, seed=1234):
@@ -671,12 +911,18 @@ class Recipe:
     solarize_p: float = 0.0
 
 
-def augment(x, r):
-    """uint8 batch -> one randomly augmented float view per image (before normalization)."""
+def crop(x, r):
+    """uint8 batch -> each image's random resized crop (r.size square), float in [0, 1]."""
     B, _, H, W = x.shape
-    dev = x.device
-    x = x.float().div_(255)
-    x = resized_crop(x, crop_params(B, H, W, r.scale, r.ratio, dev), r.size)
+    return resized_crop(x.float().div_(255), crop_params(B, H, W, r.scale, r.ratio, x.device),
+                        r.size)
+
+
+def augment(x, r):
+    """Each image's random resized crop (crop() or a streamed crop: float in [0, 1] or uint8)
+    -> its randomly augmented view, float, before normalization: the rest of recipe r."""
+    B, dev = len(x), x.device
+    x = x.float().div_(255) if x.dtype == torch.uint8 else x
     x = hflip(x, torch.rand(B, device=dev) < r.flip_p)
     if r.jitter_p > 0:
         apply = torch.rand(B, device=dev) < r.jitter_p
@@ -868,7 +1114,8 @@ def embed(net, x, data, batch_size=1024):
     """Features of uint8 images, network in eval mode (BN running statistics), float32."""
     was_training = net.training
     net.eval()
-    out = torch.cat([net(data.normalize(c.float().div_(255))).float() for c in x.split(batch_size)])
+    chunks = crops(data, x, torch.arange(len(x)).split(batch_size), [None])
+    out = torch.cat([net(data.normalize(c.float().div_(255))).float() for c, in chunks])
     net.train(was_training)
     return out
 
@@ -985,8 +1232,8 @@ def measure_bn_statistics(net, heads, data, n=5120, batch_size=256):
         m.reset_running_stats()
         m.momentum = None  # a plain average over the batches below
     idx = torch.randperm(len(data.train_x), generator=torch.Generator().manual_seed(0))[:n]
-    for i in idx.to(data.train_x.device).split(batch_size):
-        r = net(data.normalize(data.train_x[i].float().div_(255)))
+    for x, in crops(data, data.train_x, idx.split(batch_size), [None]):
+        r = net(data.normalize(x.float().div_(255)))
         for head in heads.values():
             head(r)
     return net, heads
@@ -1020,10 +1267,10 @@ def augmented_probe(net, data, epochs=100, batch_size=256, lr=30.0, seed=0):
     global one left as it was. Returns test top-1 in percent (nan for 0 epochs)."""
     if epochs <= 0:
         return float("nan")
-    n, dev = len(data.train_x), data.train_x.device
+    n, dev = len(data.train_x), data.device
     batch_size = min(batch_size, n)
     lr, steps = lr * batch_size / 256, n // batch_size
-    recipe = Recipe(size=data.train_x.shape[-1], scale=(0.08, 1.0), jitter_p=0, gray_p=0)
+    recipe = Recipe(size=data.size, scale=(0.08, 1.0), jitter_p=0, gray_p=0)
     test_f = embed(net, data.test_x, data)
     was_training = net.training
     net.eval()
@@ -1034,10 +1281,11 @@ def augmented_probe(net, data, epochs=100, batch_size=256, lr=30.0, seed=0):
         nn.init.zeros_(clf.bias)
         opt = torch.optim.SGD(clf.parameters(), lr=lr, momentum=0.9)
         for epoch in range(epochs):
-            for i, idx in enumerate(torch.randperm(n, device=dev)[:steps * batch_size]
-                                    .view(steps, batch_size)):
+            order = torch.randperm(n)[:steps * batch_size].view(steps, batch_size)
+            views = crops(data, data.train_x, order, [recipe], seed * 1_000_003 + epoch)
+            for i, (idx, (x,)) in enumerate(zip(order.to(dev), views)):
                 with torch.no_grad():
-                    f = net(data.normalize(augment(data.train_x[idx], recipe))).float()
+                    f = net(data.normalize(augment(x, recipe))).float()
                 for group in opt.param_groups:
                     group["lr"] = cosine_lr(epoch * steps + i, epochs * steps, lr)
                 loss = F.cross_entropy(clf(f), data.train_y[idx])

@@ -7,6 +7,7 @@ Li Jing, Pascal Vincent, Yann LeCun and Yuandong Tian, ICLR 2022. https://arxiv.
     python directclr.py --resume runs/<run folder>  # go on after a stop, Ctrl-C or crash
     python directclr.py --projector mlp           # the comparison: direct | mlp | linear | none
     python directclr.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
+    python directclr.py --recipe imagenet --data-dir /data/imagenet  # Sec. 6: ResNet-50, 224 px
     python directclr.py --help                    # every hyper-parameter and its source
 
 The paper is a finding as much as a method. The finding (Sec. 3-5): contrastive learning suffers
@@ -25,7 +26,7 @@ spectrum and effective rank of r and z (ImageNet linear probe, ResNet-50, 100 ep
 
 Paper -> code (Sec. 6; SimCLR's Alg. 1 for the rest), in order:
 
-    x1, x2 = aug(x), aug(x)          two random augmentations of a batch x  augment() in train()
+    x1, x2 = aug(x), aug(x)          two random augmentations of a batch x  batches(), augment()
     r1, r2 = f(x1), f(x2)            f = ResNet, r = its representation     f = backbone()
     z1, z2 = r1[:, :d0], r2[:, :d0]  DirectCLR: a fixed sub-vector of r,    directclr_loss()
                                      no trainable projector
@@ -65,7 +66,7 @@ Deviations from the paper (none of them measured on a GPU yet):
     0.5, no blur) with DirectCLR's tau 0.1: DirectCLR published ImageNet only.
   - d0 = 90 of a 512-d representation: the official 360 of 2048, rescaled (above).
   - The two views go through f in two passes (BN per view); SimCLR's code concatenates them.
-  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - Augmentation batched on the device (streamed: crops cut by workers); ops equal torchvision's.
   - bf16 autocast on CUDA, the loss in float32: speed, no algorithmic change.
 """
 import time
@@ -104,6 +105,13 @@ class Args(RunArgs):
     jitter_p: float = 0.8  # SimCLR App. A
     gray_p: float = 0.2  # SimCLR App. A
     blur_p: float = 0.0  # SimCLR App. B.9: no blur on CIFAR (DirectCLR ImageNet: BYOL's 1.0 / 0.1)
+
+# --recipe imagenet: Sec. 6 and the official code (ResNet-50, batch 4096, lr 4.8, 100 epochs,
+# tau 0.1); its BYOL augmentation is asymmetric (blur 1.0 / 0.1): here one recipe, SimCLR's
+# (blur 0.5, colour strength 1); streamed; evaluation only at the end, cached (README: ImageNet)
+IMAGENET = dict(dataset="folder", stream=True, eval_every=0, probe="cached", arch="resnet50",
+                image_size=224, epochs=100, batch_size=4096, base_lr=0.3, weight_decay=1e-6,
+                jitter_strength=1.0, blur_p=0.5)
 
 
 def projector(kind, dim, out_dim):
@@ -179,12 +187,12 @@ def train(args):
 
     for epoch in range(start, args.epochs):
         t0, losses = time.time(), []
-        for step, idx in enumerate(batches(args, epoch, len(data.ssl_x), device)):
+        for step, (x1, x2) in enumerate(batches(args, epoch, data, [view, view])):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(epoch * steps + step, total, lr, warmup)
-            x = data.ssl_x[idx]
-            # Alg. step: two randomly augmented views x1, x2 of the batch x
-            x1, x2 = data.normalize(augment(x, view)), data.normalize(augment(x, view))
+            # Alg. step: two randomly augmented views x1, x2 of the batch x (batches() cuts the
+            # random crops, augment() does the rest of the recipe)
+            x1, x2 = data.normalize(augment(x1, view)), data.normalize(augment(x2, view))
             with autocast(device):
                 # Alg. step: representations r1, r2 = f(x1), f(x2)
                 r1, r2 = f(x1), f(x2)
@@ -213,4 +221,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    train(parse_args(Args))
+    train(parse_args(Args, recipes={"imagenet": IMAGENET}))

@@ -7,12 +7,13 @@ https://arxiv.org/abs/2002.05709
     torchrun --nproc_per_node=8 simclr.py        # 8 GPUs: DDP + SyncBN, --batch-size is global
     python simclr.py --resume runs/<run folder>  # go on after a stop, Ctrl-C or crash
     python simclr.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
+    python simclr.py --recipe imagenet --data-dir /data/imagenet  # Sec. 2.3: ResNet-50, 224 px
     python simclr.py --temperature 0.1           # App. B.9: tau matters on CIFAR (0.5 was best)
     python simclr.py --help                      # every hyper-parameter and its source
 
 Paper -> code (Algorithm 1, in order):
 
-    x~_2k-1, x~_2k = t(x_k), t'(x_k)  two augmentations of each example     augment() in train()
+    x~_2k-1, x~_2k = t(x_k), t'(x_k)  two augmentations of each example     batches(), augment()
     h = f(x~)                         representation (backbone)             f = backbone()
     z = g(h)                          projection, 2-layer MLP               g = projection_head()
     s_ij = z_i.z_j / (|z_i| |z_j|)    cosine similarity, all 2N x 2N pairs  nt_xent()
@@ -35,7 +36,7 @@ epochs (App. B.9). This file's measured numbers: README.md.
 
 Deviations from the paper (none of them measured on a GPU yet):
   - Both views go through f in one pass of 2N images: BN over all views, as global BN (Sec. 2.2).
-  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - Augmentation batched on the device (streamed: crops cut by workers); ops equal torchvision's.
   - bf16 autocast on CUDA, the loss in float32: speed, no algorithmic change.
 """
 import time
@@ -70,6 +71,12 @@ class Args(RunArgs):
     jitter_p: float = 0.8  # App. A
     gray_p: float = 0.2  # App. A
     blur_p: float = 0.0  # App. B.9: no blur at 32x32 (ImageNet: 0.5, App. A)
+
+# --recipe imagenet: Sec. 2.3, App. A and B.1 (ResNet-50, batch 4096, 100 epochs, tau 0.1,
+# colour strength 1, blur 0.5); streamed; evaluation only at the end, cached (README: ImageNet)
+IMAGENET = dict(dataset="folder", stream=True, eval_every=0, probe="cached", arch="resnet50",
+                image_size=224, epochs=100, batch_size=4096, base_lr=0.3, weight_decay=1e-6,
+                temperature=0.1, jitter_strength=1.0, blur_p=0.5)
 
 
 def projection_head(dim, out_dim):
@@ -120,12 +127,12 @@ def train(args):
 
     for epoch in range(start, args.epochs):
         t0, losses = time.time(), []
-        for step, idx in enumerate(batches(args, epoch, len(data.ssl_x), device)):
+        for step, (x1, x2) in enumerate(batches(args, epoch, data, [view, view])):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(epoch * steps + step, total, lr, warmup)
-            x = data.ssl_x[idx]
-            # Alg. step: two augmentations t, t' ~ T of every example x_k
-            x1, x2 = data.normalize(augment(x, view)), data.normalize(augment(x, view))
+            # Alg. step: two augmentations t, t' ~ T of every example x_k (batches() cuts the
+            # random crops, augment() does the rest)
+            x1, x2 = data.normalize(augment(x1, view)), data.normalize(augment(x2, view))
             with autocast(device):
                 # Alg. step: representations h = f(x~) of all 2N views (one pass: BN over all)
                 h = f(torch.cat([x1, x2]))
@@ -154,4 +161,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    train(parse_args(Args))
+    train(parse_args(Args, recipes={"imagenet": IMAGENET}))

@@ -6,12 +6,13 @@ Xinlei Chen and Kaiming He, CVPR 2021. https://arxiv.org/abs/2011.10566
     torchrun --nproc_per_node=8 simsiam.py        # 8 GPUs: DDP + SyncBN, --batch-size is global
     python simsiam.py --resume runs/<run folder>  # go on after a stop, Ctrl-C or crash
     python simsiam.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
+    python simsiam.py --recipe imagenet --data-dir /data/imagenet  # Sec. 4: ResNet-50, 224 px
     python simsiam.py --no-stop-grad              # Fig. 2: collapses
     python simsiam.py --help                      # every hyper-parameter and its source
 
 Paper -> code (Algorithm 1, in order):
 
-    x1, x2 = aug(x), aug(x)         two random augmentations of a batch   augment() in train()
+    x1, x2 = aug(x), aug(x)         two random augmentations of a batch   batches(), augment()
     z1, z2 = f(x1), f(x2)           f = backbone + projection MLP          f = Sequential(...)
     p1, p2 = h(z1), h(z2)           h = prediction MLP                     h = predictor()
     L = D(p1, z2)/2 + D(p2, z1)/2   symmetrized loss (Eq. 2)               D() below
@@ -30,7 +31,7 @@ Paper: 91.8% linear top-1 on CIFAR-10, ResNet-18, 800 epochs (App. D). This file
 numbers: README.md.
 
 Deviations from the paper (none of them measured on a GPU yet):
-  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - Augmentation batched on the device (streamed: crops cut by workers); ops equal torchvision's.
   - bf16 autocast on CUDA, the loss in float32: speed, no algorithmic change.
 """
 import time
@@ -56,7 +57,8 @@ class Args(RunArgs):
     base_lr: float = 0.03  # App. D: lr = base_lr x batch_size / 256 (ImageNet: 0.05)
     weight_decay: float = 5e-4  # App. D (ImageNet: 1e-4)
     momentum: float = 0.9  # Sec. 4
-    proj_dim: int = 2048  # App. D: 2-layer projection MLP, 2048 wide (ImageNet: 3 layers)
+    proj_dim: int = 2048  # App. D: projection MLP 2048 wide
+    proj_layers: int = 2  # App. D: 2 layers on CIFAR (ImageNet: 3, Sec. 4)
     pred_hidden: int = 512  # Sec. 4: bottleneck predictor 2048 -> 512 -> 2048
     crop_scale: tuple = (0.2, 1.0)  # App. D: (0.08, 1) hurts on CIFAR
     jitter: tuple = (0.4, 0.4, 0.4, 0.1)  # Sec. 4 / MoCo v2: brightness, contrast, saturation, hue
@@ -67,11 +69,20 @@ class Args(RunArgs):
     predictor: bool = True  # --no-predictor: Table 1a (h = identity), collapses
     fix_pred_lr: bool = False  # Table 1a: lr of h kept constant instead of decayed
 
+# --recipe imagenet: Sec. 4 and 4.1 (ResNet-50, batch 512, 100 epochs); streamed (crops see the
+# whole image); evaluation only at the end, cached (README: ImageNet)
+IMAGENET = dict(dataset="folder", stream=True, eval_every=0, probe="cached", arch="resnet50",
+                image_size=224, epochs=100, batch_size=512, base_lr=0.05, weight_decay=1e-4,
+                proj_layers=3, crop_scale=(0.2, 1.0), blur_p=0.5)
 
-def projector(in_dim, dim):
-    """CIFAR projection MLP (App. D): 2 layers, BN on both, the output BN without affine."""
-    return nn.Sequential(nn.Linear(in_dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(True),
-                         nn.Linear(dim, dim, bias=False), nn.BatchNorm1d(dim, affine=False))
+
+def projector(in_dim, dim, layers=2):
+    """Projection MLP: 2 layers on CIFAR (App. D), 3 on ImageNet (Sec. 4); BN on every layer,
+    ReLU on all but the output, whose BN has no affine."""
+    hidden = [m for i in range(layers - 1) for m in (
+        nn.Linear(in_dim if i == 0 else dim, dim, bias=False), nn.BatchNorm1d(dim), nn.ReLU(True))]
+    return nn.Sequential(*hidden, nn.Linear(dim, dim, bias=False),
+                         nn.BatchNorm1d(dim, affine=False))
 
 
 def predictor(dim, hidden):
@@ -91,7 +102,7 @@ def train(args):
     device, out, ckpt = setup(args)  # device, torchrun, seed, run folder, --resume's options
     data = load_data(args, device)
     encoder = backbone(args.arch, args.image_size, args.zero_init_residual)
-    f = nn.Sequential(encoder, projector(encoder.dim, args.proj_dim)).to(device)
+    f = nn.Sequential(encoder, projector(encoder.dim, args.proj_dim, args.proj_layers)).to(device)
     h = (predictor(args.proj_dim, args.pred_hidden) if args.predictor else nn.Identity()).to(device)
     lr = args.base_lr * args.batch_size / 256
     optimizer = torch.optim.SGD([{"params": f.parameters(), "fixed_lr": False},
@@ -110,13 +121,13 @@ def train(args):
 
     for epoch in range(start, args.epochs):
         t0, losses = time.time(), []
-        for step, idx in enumerate(batches(args, epoch, len(data.ssl_x), device)):
+        for step, (x1, x2) in enumerate(batches(args, epoch, data, [view, view])):
             k = epoch * steps + step  # cosine decay per step; --fix-pred-lr: h keeps lr
             for group in optimizer.param_groups:
                 group["lr"] = lr if group["fixed_lr"] else cosine_lr(k, args.epochs * steps, lr)
-            x = data.ssl_x[idx]
-            # Alg. step: two randomly augmented views x1, x2 of the batch x
-            x1, x2 = data.normalize(augment(x, view)), data.normalize(augment(x, view))
+            # Alg. step: two randomly augmented views x1, x2 of the batch x (batches() cuts the
+            # random crops, augment() does the rest of the recipe)
+            x1, x2 = data.normalize(augment(x1, view)), data.normalize(augment(x2, view))
             with autocast(device):
                 # Alg. step: projections z1, z2 = f(x1), f(x2)  (f = backbone + projection MLP)
                 z1, z2 = f(x1), f(x2)
@@ -144,4 +155,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    train(parse_args(Args))
+    train(parse_args(Args, recipes={"imagenet": IMAGENET}))

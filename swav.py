@@ -2,17 +2,18 @@
 Mathilde Caron, Ishan Misra, Julien Mairal, Priya Goyal, Piotr Bojanowski and Armand Joulin,
 NeurIPS 2020. https://arxiv.org/abs/2006.09882
 
-    python swav.py                              # CIFAR-10, ResNet-18, 2x32 + 4x16 px crops
+    python swav.py                              # CIFAR-10 recipe: ResNet-18, 2 crops of 32 px
     python swav.py --smoke                      # a few steps on synthetic data, CPU, < 1 min
     torchrun --nproc_per_node=8 swav.py         # 8 GPUs: DDP + SyncBN, --batch-size is global
     python swav.py --resume runs/<run folder>   # go on after a stop, Ctrl-C or crash
     python swav.py --dataset folder --data-dir /tmp/data/cifar10-jpeg
-    python swav.py --n-small 0 --global-scale 0.08 1  # the published 2-crop CIFAR-10 recipe
+    python swav.py --n-small 4 --global-scale 0.14 1  # multi-crop: + 4 crops of 16 px
+    python swav.py --recipe imagenet --data-dir /data/imagenet  # Sec. 4: 2x224 + 6x96 crops
     python swav.py --help                       # every hyper-parameter and its source
 
 Paper -> code (Algorithm 1, in order):
 
-    x_1 .. x_(2+V) = crops(x)    2 full-resolution + V small crops        augment() in train()
+    x_1 .. x_(2+V) = crops(x)    2 full-resolution + V small crops        batches(), augment()
     z = f(x) / ||f(x)||          f = backbone + projection head, z on     f = Sequential(...)
                                  the unit sphere (D = 128)
     scores = z C                 C: K prototypes c_k of unit length       C = prototypes()
@@ -35,24 +36,21 @@ Evaluation (not part of the method): weighted kNN (k=200, t=0.1) on backbone fea
 0.088 when spread, 0 when collapsed) and the spectrum / effective rank of z and of the backbone
 features; a linear probe on frozen features at the end.
 
-A loss stuck at ln K (8.01 for K = 3000) means the features collapsed to one point and every
-code is uniform; SwAV's authors suggest a smaller eps, a milder augmentation, fewer crops or
-prototypes frozen longer.
+A loss stuck at ln K (8.01 for K = 3000): the features collapsed and every code is uniform; SwAV's
+authors suggest a smaller eps, a milder augmentation, fewer crops or prototypes frozen longer.
 
-Published: 89.2% online linear top-1 on CIFAR-10, ResNet-18, 1000 epochs, 2 crops (solo-learn);
-paper: 75.3% ImageNet linear top-1, ResNet-50, 800 epochs, 2x224 + 6x96 crops. This file's
-measured numbers: README.md.
+Published: 89.2% online linear on CIFAR-10, ResNet-18, 1000 epochs, 2 crops (solo-learn); paper:
+75.3% ImageNet linear, ResNet-50, 800 epochs, 2x224 + 6x96 crops. Measured numbers: README.md.
 
 Deviations from the paper (none of them measured on a GPU yet):
-  - Augmentation runs batched on the device (common.augment); each op equals torchvision's.
+  - Augmentation batched on the device (streamed: crops cut by workers); ops equal torchvision's.
   - Sinkhorn in float32 in the log domain (log-sum-exp): Alg. 1's result, finite for any eps.
   - Projection head, scores z C and loss in float32 outside bf16 autocast: Sinkhorn divides the
     scores by eps, magnifying bf16 rounding 20 times.
   - The loss sums over the K prototypes (Eq. 2); Alg. 1's mean() over B x K only divides by K.
   - Prototypes re-normalized after each update (Alg. 1: before; the same values), frozen for
     whole epochs.
-  - Defaults: the published CIFAR-10 recipe (2 crops of 32 px). Multi-crop is one flag away:
-    `--n-small 4 --global-scale 0.14 1` adds 4 crops of 16 px (half the side, as 96 of 224).
+  - Defaults: the published CIFAR-10 recipe, 2 crops (multi-crop: 16 px, half the side as 96).
   - One queue per full-resolution crop, filled from the first step, joining Sinkhorn from
     --queue-start-epoch, its scores by the current prototypes.
   - Under torchrun each rank keeps queue_length / processes features (as the official code),
@@ -106,6 +104,13 @@ class Args(RunArgs):
     jitter_p: float = 0.8  # SimCLR / SwAV colour distortion
     gray_p: float = 0.2  # SimCLR / SwAV colour distortion
     blur_p: float = 0.0  # no blur at 32x32 (ImageNet: 0.5)
+
+# --recipe imagenet: Sec. 4 and App. A, the 800-epoch multi-crop run (2 x 224 + 6 x 96, batch
+# 4096: lr 4.8, no queue, LARS 0.001 unclipped, C frozen 1 epoch); streamed; cached probe only
+IMAGENET = dict(dataset="folder", stream=True, eval_every=0, probe="cached", arch="resnet50",
+                image_size=224, epochs=800, batch_size=4096, base_lr=0.3, weight_decay=1e-6,
+                lars_eta=0.001, lars_clip=False, freeze_prototypes_epochs=1, queue_length=0,
+                global_scale=(0.14, 1.0), n_small=6, small_size=96, blur_p=0.5)
 
 
 def projector(in_dim, hidden, out):
@@ -231,6 +236,7 @@ def train(args):
                   blur_p=args.blur_p)
     global_view = Recipe(size=args.image_size, scale=args.global_scale, **colour)
     small_view = Recipe(size=args.small_size, scale=args.small_scale, **colour)
+    recipes = [global_view] * args.n_global + [small_view] * args.n_small  # one per crop
     queue = Queue(args.n_global, args.queue_length // world_size(), args.feat_dim, device)
     heads = {"z": f[1]}  # evaluation: kNN on the backbone, collapse diagnostics of z
     state = dict(f=f, C=C, queue=queue, optimizer=optimizer)  # what a checkpoint holds
@@ -244,14 +250,14 @@ def train(args):
     for epoch in range(start, args.epochs):
         t0, losses = time.time(), []
         use_queue = args.queue_length > 0 and epoch >= args.queue_start_epoch
-        for step, idx in enumerate(batches(args, epoch, len(data.ssl_x), device)):
+        for step, x in enumerate(batches(args, epoch, data, recipes)):
             for group in optimizer.param_groups:
                 group["lr"] = cosine_lr(epoch * steps + step, total, lr, warmup,
                                         lr * args.final_lr_ratio)
-            x, B = data.ssl_x[idx], len(idx)
             # Alg. step: multi-crop: n_global full-resolution crops and V small crops of each image
-            x_global = [data.normalize(augment(x, global_view)) for _ in range(args.n_global)]
-            x_small = [data.normalize(augment(x, small_view)) for _ in range(args.n_small)]
+            # (batches() cuts them, augment() does the rest of each crop's recipe)
+            x = [data.normalize(augment(c, r)) for c, r in zip(x, recipes)]
+            x_global, x_small, B = x[:args.n_global], x[args.n_global:], len(x[0])
             with autocast(device):
                 # Alg. step: features f(x), one pass per resolution (Alg. 1 concatenates crops)
                 h = [f(torch.cat(x_global))] + ([f(torch.cat(x_small))] if x_small else [])
@@ -291,4 +297,4 @@ def train(args):
 
 
 if __name__ == "__main__":
-    train(parse_args(Args))
+    train(parse_args(Args, recipes={"imagenet": IMAGENET}))

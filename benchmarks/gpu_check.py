@@ -260,12 +260,13 @@ def read_data(args):
 
 def _read_class(task):
     split_dir, name, size = task
-    return common._read_split(split_dir, [name], size)[0]
+    return common._read_all(common._list_split(split_dir, [name])[0], size)
 
 
 def read_folder_parallel(root, size):
     """common.load_data's Data of a folder on the CPU (same files, order, decoding: its own
-    _read_split), one process per class and split instead of one thread pool in one process."""
+    _list_split and _read_all), one process per class and split instead of one thread pool in
+    one process."""
     classes = sorted(d.name for d in os.scandir(os.path.join(root, "train")) if d.is_dir())
     test_dir = next(os.path.join(root, d) for d in ("test", "val")
                     if os.path.isdir(os.path.join(root, d)))
@@ -480,7 +481,7 @@ def conventional_part(ck):
     ns = argparse.Namespace(dataset=ck.cfg["dataset"], data_dir=ck.cfg["data_dir"],
                             arch=ck.cfg["arch"], image_size=ck.cfg["image_size"],
                             batch_size=ck.cfg["batch_size"], steps_per_epoch=ck.cfg["steps"],
-                            workers=ck.cfg["workers"])
+                            workers=ck.cfg["workers"], stream=False, skip_bad_images=False)
     t = time.time()
     ips, err = attempt("conventional pipeline", throughput.conventional_throughput, ns)
     free_memory()

@@ -6,7 +6,8 @@ Either the files of benchmarks/gpu_check.py (results.json, report.md, log.txt, m
 knn.png): its results.json is read; or, before gpu_check.py, the commands a session ran
 (*-command.sh), their logs and the markdown tables the benchmark scripts wrote: those are parsed.
 This script rewrites the part of README.md between the two markers `<!-- results:begin -->` and
-`<!-- results:end -->`.
+`<!-- results:end -->`, and between `<!-- loader:begin -->` and `<!-- loader:end -->` the loader
+figures of each loader.json (benchmarks/loader.py) under benchmarks/results/.
 
     python benchmarks/results.py            # rewrite README.md's section
     python benchmarks/results.py --check    # exit 1 if README.md is not what the reports give
@@ -22,6 +23,7 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BEGIN, END = "<!-- results:begin -->", "<!-- results:end -->"
+LOADER_BEGIN, LOADER_END = "<!-- loader:begin -->", "<!-- loader:end -->"
 METHODS = ("simsiam", "byol", "simclr", "swav", "directclr")
 EPOCH = 50_000  # images in a CIFAR-10 epoch
 
@@ -217,6 +219,59 @@ def _hms(seconds):
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
+def loader_section(results=RESULTS):
+    """README's loader figures: per loader.json, one worker's decode rate per path and the
+    streamed loader's rate per worker count, with the hardware and command that gave them."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(results, "*", "loader.json"))):
+        with open(path) as fh:
+            r = json.load(fh)
+        if r.get("quick"):
+            continue
+        env, rel = r["environment"], os.path.relpath(os.path.dirname(path), ROOT)
+        wl = list(r["decode"]["pil-draft"])
+        gpu = "no GPU" if env["gpu"] == "none" else env["gpu"]
+        lines += [f"Loader figures measured on {env['cpu']}, {gpu}, torch "
+                  f"{env['torch']}, Pillow {env['pillow']}, {env['date'][:10]}, by "
+                  f"`{r['command']}` ([{rel}]({rel})): {r['images']['n']} JPEGs of mean "
+                  f"{r['images']['mean_w']:.0f} x {r['images']['mean_h']:.0f} px, "
+                  f"{r['images']['mean_kb']:.0f} KB, in the page cache.", "",
+                  "| images/s of one worker | " + " | ".join(wl) + " |",
+                  "|---|" + "---|" * len(wl)]
+        names = {"pil-draft": "common.read_views (PIL decode with draft, torch resize)",
+                 "pil-resize": "PIL decode and PIL resize",
+                 "tv-cpu": "torchvision.io.decode_jpeg + resized_crop",
+                 "tv-cuda": "torchvision.io.decode_jpeg on the GPU"}
+        for key, name in names.items():
+            lines.append(f"| {name} | " + " | ".join(
+                _num(v) if isinstance(v, (int, float)) else v for v in r["decode"][key].values())
+                + " |")
+        lines += ["", f"| streamed loader ({r['loader_views']}), workers | "
+                  + " | ".join(str(row["workers"]) for row in r["loader"]) + " |",
+                  "|---|" + "---|" * len(r["loader"]),
+                  "| images/s | " + " | ".join(_num(row["img_per_s"]) for row in r["loader"])
+                  + " |", ""]
+        d = {k: v[wl[0]] for k, v in r["decode"].items()}
+        lines += [f"So one worker of this CPU feeds about {d['pil-draft']:.0f} images/s of "
+                  f"{wl[0]} crops, and a run needs ceil(R / {d['pil-draft']:.0f}) workers per "
+                  "GPU, R being the source images/s the GPU trains at (a run logs it; "
+                  "`benchmarks/loader.py` on the GPU machine measures R for ResNet-50 and "
+                  "prints the count). PIL's own resize is "
+                  f"{d['pil-draft'] / d['pil-resize']:.1f}x slower than torch's; "
+                  f"torchvision.io.decode_jpeg is {d['tv-cpu'] / d['pil-draft']:.1f}x faster "
+                  "but deprecated since torchvision 0.29 (its successor, TorchCodec, would be a "
+                  "new dependency), so common.py decodes with PIL.", ""]
+    return "\n".join(lines or ["No loader report yet.", ""])
+
+
+def rewrite(text, begin, end, body, readme):
+    if begin not in text or end not in text:
+        sys.exit(f"error: {readme} has no {begin} ... {end} markers; add them where the "
+                 f"section goes")
+    head, rest = text.split(begin, 1)
+    return head + begin + "\n" + body + end + rest.split(end, 1)[1]
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--check", action="store_true",
@@ -225,11 +280,8 @@ def main():
     args = parser.parse_args()
     with open(args.readme) as fh:
         text = fh.read()
-    if BEGIN not in text or END not in text:
-        sys.exit(f"error: {args.readme} has no {BEGIN} ... {END} markers; add them where the "
-                 f"section goes")
-    head, rest = text.split(BEGIN, 1)
-    new = head + BEGIN + "\n" + section() + END + rest.split(END, 1)[1]
+    new = rewrite(text, BEGIN, END, section(), args.readme)
+    new = rewrite(new, LOADER_BEGIN, LOADER_END, loader_section(), args.readme)
     if args.check:
         sys.exit(0 if new == text else
                  f"{args.readme} is out of date; run python benchmarks/results.py")

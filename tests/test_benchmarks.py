@@ -247,7 +247,8 @@ def test_gpu_check_unpacks_and_decodes_a_zip_as_common_does(tmp_path):
     root = gpu_check.prepare_data(str(tmp_path / "data.zip"))
     assert root == str(tmp_path / "unpacked" / "data" / "cifar")
     assert gpu_check.prepare_data(str(tmp_path / "data.zip")) == root  # unpacked once
-    args = types.SimpleNamespace(dataset="folder", data_dir=root, image_size=16)
+    args = types.SimpleNamespace(dataset="folder", data_dir=root, image_size=16, stream=False,
+                                 workers=0, skip_bad_images=False)
     mine, theirs = gpu_check.read_folder_parallel(root, 16), common.load_data(args, "cpu")
     for field in ("ssl_x", "train_x", "train_y", "test_x", "test_y", "num_classes", "mean",
                   "std"):

@@ -244,3 +244,29 @@ def test_damaged_image_folder_is_named(tmp_path, damage, named, words):
     done = run("simsiam", tmp_path / "runs", *SMALL, "--dataset", "folder", "--data-dir", str(root),
                "--batch-size", "4")
     assert_one_line_error(done, str(root / named), *words)
+
+
+def test_a_checkpoint_that_cannot_be_written_stops_with_one_line(tmp_path, monkeypatch):
+    """The background writer's failure (here: a full disk) reaches the main thread as one line."""
+    import common
+
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(common, "save_atomic", full_disk)
+    done = run("simsiam", tmp_path, *SMALL)
+    assert_one_line_error(done, "could not write the checkpoint", "No space left on device")
+
+
+def test_recipe_flag():
+    """--recipe imagenet puts the file's ImageNet recipe in place of the defaults, flags given
+    still win; an unknown recipe gets one line."""
+    import simsiam
+    args = parse_args(simsiam.Args, ["--recipe", "imagenet", "--epochs", "7"],
+                      {"imagenet": simsiam.IMAGENET})
+    assert (args.arch, args.image_size, args.proj_layers, args.stream) == ("resnet50", 224, 3, True)
+    assert args.epochs == 7 and args.base_lr == 0.05
+    with pytest.raises(SystemExit, match="unknown --recipe 'cifar'"):
+        parse_args(simsiam.Args, ["--recipe", "cifar"], {"imagenet": simsiam.IMAGENET})
+    for method in ("byol", "simclr", "swav", "directclr"):  # every field of each recipe exists
+        module = importlib.import_module(method)
+        assert set(module.IMAGENET) <= {f for f in module.Args.__dataclass_fields__}
