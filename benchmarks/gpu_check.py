@@ -1,5 +1,6 @@
 """The one command a session runs on a rented GPU: every method at full size, throughput, a profile
-of one SimSiam step and, with the time left, one accuracy run; all of it as files in one folder.
+of one SimSiam step, the streamed loader's figures and, with the time left, one accuracy run; all
+of it as files in one folder.
 
 On the device machine (one H200 / H100, the CIFAR-10 JPEG zip carried in the git-ignored .gpu/),
 with the device tool's carry [".gpu"] and timeout_s 600:
@@ -25,6 +26,10 @@ reason in the report, when it would not fit; parts 1 and 2 come from the same ru
   3. profile: torch.profiler over 2 SimSiam steps after 3 (CPU and CUDA activities): kernel time
      against the host's time to issue the step and its launch calls, kernel launches per step, the
      10 kernels with the most device time (CPU: operator calls and the 10 ops with most self time).
+  5. loader (before 4): benchmarks/loader.py on this machine's CPUs and GPU (256 generated
+     ImageNet-sized JPEGs): one worker's decode rate per path, decode_jpeg on the GPU included,
+     the streamed loader by worker count, and ResNet-50's training rate on the GPU; so README can
+     say how many workers per GPU an ImageNet run needs. Writes loader.md and loader.json.
   4. accuracy: one method (--method, default: the first of simsiam, byol, simclr, swav, directclr
      without an accuracy result in benchmarks/results/*/results.json) with its full default recipe
      for the largest of 200, 100, 50 epochs that fits the time left, by its epoch time measured in
@@ -34,7 +39,8 @@ Files in --out (default $OUT, else ./gpu_check_out), rewritten after each part a
 so that a command stopped at its time limit keeps what it finished: report.md (device, torch,
 date, command, one table per part), results.json (every number, machine-readable), log.txt
 (everything printed, capped at 400 kB), metrics.jsonl (the accuracy run's; spectra kept only at
-its first and last evaluation) and knn.png (the accuracy run's kNN curve; needs matplotlib).
+its first and last evaluation), knn.png (the accuracy run's kNN curve; needs matplotlib), and
+part 5's loader.md and loader.json.
 At --budget + 20 s the command interrupts itself and writes what it has.
 
 The CIFAR-10 JPEGs are decoded once (in parallel processes, about 60k files) and every train()
@@ -327,7 +333,8 @@ class Check:
             "config": {}, "data": {"status": "not run"},
             "fullsize": {"status": "not run", "methods": {}},
             "throughput": {"status": "not run", "methods": {}, "conventional": None},
-            "profile": {"status": "not run"}, "accuracy": {"status": "not run"}}
+            "profile": {"status": "not run"}, "loader": {"status": "not run"},
+            "accuracy": {"status": "not run"}}
         size = dict(dataset="synthetic", arch="small", image_size=16, batch_size=32, steps=2,
                     workers=2) if self.dry else dict(dataset="folder", arch="resnet18",
                                                      image_size=32, batch_size=512, steps=20,
@@ -593,6 +600,27 @@ def summarize_profile(events, averages, cuda):
         P["verdict"] = (f"CPU: {P['step_ms']:.1f} ms per step, {P['cpu_self_ms']:.1f} ms of it "
                         f"in operators' own time over {P['ops_per_step']:.0f} operator calls")
     return P
+
+
+# ===================================================================== loader
+
+def loader_part(ck):
+    """Part 5: benchmarks/loader.py here (its --quick form in a dry run), into --out."""
+    L = ck.R["loader"] = {"status": "running"}
+    skip = ck.fits(30 if ck.dry else 100, "loader")
+    if skip:
+        L["status"] = skip
+        return
+    import loader
+    say("=== loader (benchmarks/loader.py)")
+    workers = [str(w) for w in (1, 4, 8, 16) if w <= (os.cpu_count() or 1)]
+    argv = ["--quick"] if ck.dry else ["--images", "256", "--seconds", "1.5",
+                                       "--workers", *workers]
+    r = loader.main([*argv, "--out", ck.opt.out])
+    L.update(status="done", files=["loader.md", "loader.json"],
+             gpu_img_per_s=r["gpu_rate"]["img_per_s"], gpu_rate_source=r["gpu_rate"]["source"],
+             workers_per_gpu=r["workers_per_gpu"][0]["workers"],
+             decode_img_per_s=next(iter(r["decode"]["pil-draft"].values())))
 
 
 # =================================================================== accuracy
@@ -891,6 +919,16 @@ def report(R):
     else:
         lines.append(f"Status: {cell(A.get('status'))}" + (f" ({A['method']})" if
                                                           A.get("method") else "") + ".")
+    L = R.get("loader") or {"status": "not run"}
+    lines += ["", "## 5. Loader (benchmarks/loader.py)", ""]
+    if L.get("status") == "done":
+        lines.append(f"Tables in [loader.md](loader.md). One worker decodes "
+                     f"{L['decode_img_per_s']:.0f} images/s into SimSiam's two crops; the GPU "
+                     f"trains ResNet-50 at {L['gpu_img_per_s']:.0f} images/s "
+                     f"({cell(L['gpu_rate_source'])}): workers per GPU {L['workers_per_gpu']}.")
+    else:
+        lines.append(f"Status: {cell(L.get('status'))}"
+                     + (f" ({cell(L['error'])})" if L.get("error") else "") + ".")
     return "\n".join(lines) + "\n"
 
 
@@ -911,7 +949,8 @@ def parse(argv=None):
     p.add_argument("--method", choices=METHODS,
                    help="part 4's method (default: the first without an accuracy result in "
                         "benchmarks/results/*/results.json)")
-    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4], choices=[1, 2, 3, 4],
+    p.add_argument("--parts", type=int, nargs="+", default=[1, 2, 3, 4, 5],
+                   choices=[1, 2, 3, 4, 5],
                    help="which parts to run (e.g. a second call: --parts 4 --method byol)")
     p.add_argument("--steps", type=int, help="steps of each of the 2 epochs of parts 1-2 "
                    "(default: 20; dry run 2)")
@@ -927,7 +966,8 @@ def parse(argv=None):
 def main():
     opt = parse()
     os.makedirs(opt.out, exist_ok=True)
-    for name in ("report.md", "results.json", "log.txt", "metrics.jsonl", "knn.png"):
+    for name in ("report.md", "results.json", "log.txt", "metrics.jsonl", "knn.png",
+                 "loader.md", "loader.json"):
         if os.path.exists(os.path.join(opt.out, name)):  # nothing of an earlier run mixes in
             os.remove(os.path.join(opt.out, name))
     tee = Tee(os.path.join(opt.out, "log.txt"))
@@ -989,6 +1029,11 @@ def main():
                 ratios(ck)
                 ck.save()
             R["fullsize"]["status"] = R["throughput"]["status"] = "done"
+            ck.save()
+        if 5 in parts:
+            _, err = attempt("loader", loader_part, ck)
+            if err is not None:
+                R["loader"].update(status="crashed", error=err)
             ck.save()
         if 4 in parts:
             _, err = attempt("accuracy", accuracy_part, ck)

@@ -119,7 +119,8 @@ def test_results_reads_a_report_folder(tmp_path):
 # ------------------------------------------------------------- benchmarks/gpu_check.py
 
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))  # gpu_check, results
-GPU_CHECK_FILES = {"report.md", "results.json", "log.txt", "metrics.jsonl"}
+GPU_CHECK_FILES = {"report.md", "results.json", "log.txt", "metrics.jsonl", "loader.md",
+                   "loader.json"}
 
 
 @pytest.fixture(scope="module")
@@ -164,6 +165,9 @@ def test_gpu_check_dry_run_writes_every_part(dry_run):
     P = R["profile"]
     assert P["status"] == "done" and P["device"] == "cpu" and P["steps"] == 2
     assert P["step_ms"] > 0 and P["ops_per_step"] > 0 and len(P["top"]) == 10
+    L = R["loader"]
+    assert L["status"] == "done" and L["decode_img_per_s"] > 0 and L["workers_per_gpu"] >= 1
+    assert json.loads((out / "loader.json").read_text())["quick"]
     A = R["accuracy"]
     assert (A["status"], A["method"], A["epochs"], A["epochs_done"]) == ("done", "simsiam", 2, 2)
     assert 0 <= A["knn_top1"] <= 100 and 0 <= A["linear_top1"] <= 100
@@ -174,7 +178,8 @@ def test_gpu_check_dry_run_writes_every_part(dry_run):
     for head in ("| method | eager | loss | peak memory (GiB) | --compile |",
                  "| method | img/s eager | s/epoch | img/s --compile |",
                  "| operator | self CPU ms / step | calls / step |",
-                 "| method | epochs | batch | kNN top-1 | linear top-1 | wall time |"):
+                 "| method | epochs | batch | kNN top-1 | linear top-1 | wall time |",
+                 "## 5. Loader (benchmarks/loader.py)", "Tables in [loader.md](loader.md)."):
         assert head in report, head
     assert "torch " in report and "`python3 benchmarks/gpu_check.py --dry-run" in report
     assert "conventional (SimSiam, DataLoader, 2 workers)" in report
