@@ -617,9 +617,10 @@ def loader_part(ck):
     argv = ["--quick"] if ck.dry else ["--images", "256", "--seconds", "1.5",
                                        "--workers", *workers]
     r = loader.main([*argv, "--out", ck.opt.out])
+    g = r["gpu_rate"] or {}  # none in a dry run: no GPU figure is assumed
     L.update(status="done", files=["loader.md", "loader.json"],
-             gpu_img_per_s=r["gpu_rate"]["img_per_s"], gpu_rate_source=r["gpu_rate"]["source"],
-             workers_per_gpu=r["workers_per_gpu"][0]["workers"],
+             gpu_img_per_s=g.get("img_per_s"), gpu_rate_source=g.get("source"),
+             workers_per_gpu=r["workers_per_gpu"][0]["workers"] if g else None,
              decode_img_per_s=next(iter(r["decode"]["pil-draft"].values())))
 
 
@@ -923,9 +924,11 @@ def report(R):
     lines += ["", "## 5. Loader (benchmarks/loader.py)", ""]
     if L.get("status") == "done":
         lines.append(f"Tables in [loader.md](loader.md). One worker decodes "
-                     f"{L['decode_img_per_s']:.0f} images/s into SimSiam's two crops; the GPU "
-                     f"trains ResNet-50 at {L['gpu_img_per_s']:.0f} images/s "
-                     f"({cell(L['gpu_rate_source'])}): workers per GPU {L['workers_per_gpu']}.")
+                     f"{L['decode_img_per_s']:.0f} images/s into SimSiam's two crops"
+                     + (f"; the GPU trains ResNet-50 at {L['gpu_img_per_s']:.0f} images/s "
+                        f"({cell(L['gpu_rate_source'])}): workers per GPU "
+                        f"{L['workers_per_gpu']}." if L["gpu_img_per_s"] else
+                        "; no GPU rate measured."))
     else:
         lines.append(f"Status: {cell(L.get('status'))}"
                      + (f" ({cell(L['error'])})" if L.get("error") else "") + ".")

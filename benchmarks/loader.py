@@ -11,8 +11,8 @@ Measures, on full-size JPEGs (generated, or --data-dir with an ImageFolder tree)
           with 0, 1, 2, ... workers) and in memory (uint8 224 px tensors, common.crop on the
           device), SimSiam views;
   workers per GPU = ceil(GPU images/s / one worker's images/s). The GPU rate is --gpu-images-per-s
-          if given, else measured (torchvision ResNet-50, 2 views, bf16) where CUDA is, else an
-          ASSUMED figure (NVIDIA's published A100 ResNet-50 rate halved: two views per image).
+          if given, else measured (torchvision ResNet-50, 2 views, bf16) where CUDA is; with
+          neither, the table is left out (no GPU figure is ever assumed).
 The files sit in the page cache: decode cost only, no disk reads. Writes loader.md and
 loader.json to --out.
 
@@ -43,13 +43,6 @@ import torch.nn.functional as F  # noqa: E402
 
 import common  # noqa: E402
 
-# NVIDIA DeepLearningExamples, PyTorch/Classification/ConvNets/resnet50v1.5/README.md, "Training
-# performance: NVIDIA DGX A100 (8x A100 80GB)": 1 GPU, mixed precision, 2470 img/s (supervised,
-# one 224 px view per image). A SimSiam image is two views: 2470 / 2.
-ASSUMED_GPU_RATE = 1235
-ASSUMED_SOURCE = ("ASSUMED, not measured: NVIDIA DeepLearningExamples ResNet-50 v1.5 training on "
-                  "1 A100 80GB, mixed precision, 2470 img/s (one view), halved for SimSiam's two "
-                  "views; newer GPUs (H100/H200) are faster and need more workers")
 
 def workloads(k=1):
     """name -> views (size, scale) of each image; k divides the sizes (--quick)."""
@@ -324,8 +317,11 @@ def markdown(r):
                  f"{mem['threads']} threads) | - | {fmt(mem['img_per_s'])} | - | - |")
     lines += ["", wrap("Streamed: one pass, DataLoader start-up included (each epoch pays it); "
                        "0 workers: decoded in the main process."), "",
-              "## Workers per GPU (ResNet-50, SimSiam views)", "",
-              wrap(f"GPU rate: {g['img_per_s']:.0f} source images/s per GPU ({g['source']})."),
+              "## Workers per GPU (ResNet-50, SimSiam views)", ""]
+    if g is None:
+        lines += ["GPU rate: not measured (no GPU here; --gpu-images-per-s gives one)."]
+        return "\n".join(lines) + "\n"
+    lines += [wrap(f"GPU rate: {g['img_per_s']:.0f} source images/s per GPU ({g['source']})."),
               "", "| per-worker rate from | img/s per worker | workers per GPU |", "|---|---|---|"]
     for row in r["workers_per_gpu"]:
         lines.append(f"| {row['from']} | {fmt(row['img_per_s'])} | {row['workers']} |")
@@ -363,8 +359,7 @@ def main(argv=None):
                         help="images per loader pass (rounded down to full batches)")
     parser.add_argument("--gpu-images-per-s", type=float,
                         help="source images/s one GPU trains at (e.g. the img/s a run logs with "
-                        "data in memory); default: measured on CUDA, else "
-                        f"{ASSUMED_GPU_RATE} ASSUMED (A100 ResNet-50, see ASSUMED_SOURCE)")
+                        "data in memory); default: measured on CUDA, else none")
     parser.add_argument("--quick", action="store_true",
                         help="tiny images, few of them, short timings (a test: seconds)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
@@ -444,7 +439,7 @@ def main(argv=None):
              "source": f"measured on {torch.cuda.get_device_name()}: torchvision ResNet-50 "
              "fwd+bwd+SGD, 2 views x batch 256, bf16, no projector/predictor (an upper bound)"}
     else:
-        g = {"img_per_s": ASSUMED_GPU_RATE, "source": ASSUMED_SOURCE}
+        g = None
     r["gpu_rate"] = g
     rows = [{"from": f"decode, {PATH_NAMES[p]}", "img_per_s": r["decode"][p][key]}
             for p in CPU_PATHS]
@@ -452,8 +447,8 @@ def main(argv=None):
               "img_per_s": row["img_per_s"] / row["workers"]}
              for row in r["loader"] if row["workers"]]
     for row in rows:
-        row["workers"] = math.ceil(g["img_per_s"] / row["img_per_s"])
-    r["workers_per_gpu"] = rows
+        row["workers"] = math.ceil(g["img_per_s"] / row["img_per_s"]) if g else None
+    r["workers_per_gpu"] = rows if g else []
 
     r["environment"]["loadavg_end"] = " ".join(f"{x:.2f}" for x in os.getloadavg())
     os.makedirs(args.out, exist_ok=True)

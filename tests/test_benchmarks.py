@@ -166,7 +166,8 @@ def test_gpu_check_dry_run_writes_every_part(dry_run):
     assert P["status"] == "done" and P["device"] == "cpu" and P["steps"] == 2
     assert P["step_ms"] > 0 and P["ops_per_step"] > 0 and len(P["top"]) == 10
     L = R["loader"]
-    assert L["status"] == "done" and L["decode_img_per_s"] > 0 and L["workers_per_gpu"] >= 1
+    assert L["status"] == "done" and L["decode_img_per_s"] > 0
+    assert L["gpu_img_per_s"] is None and L["workers_per_gpu"] is None  # no GPU figure assumed
     assert json.loads((out / "loader.json").read_text())["quick"]
     A = R["accuracy"]
     assert (A["status"], A["method"], A["epochs"], A["epochs_done"]) == ("done", "simsiam", 2, 2)
