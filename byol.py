@@ -132,7 +132,7 @@ def train(args):
     optimizer = LARS(exclude_bias_and_norm(online, q), lr=lr, weight_decay=args.weight_decay,
                      momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
     common_aug = dict(size=args.image_size, scale=args.crop_scale, jitter=args.jitter,
-                      jitter_p=args.jitter_p, gray_p=args.gray_p)
+                      jitter_p=args.jitter_p, gray_p=args.gray_p, compile=args.compile)
     T = Recipe(**common_aug, blur_p=args.blur_p[0], solarize_p=args.solarize_p[0])
     T_prime = Recipe(**common_aug, blur_p=args.blur_p[1], solarize_p=args.solarize_p[1])
     heads = {"z": online[1]}  # evaluation: kNN on f_theta, collapse diagnostics of z

@@ -52,7 +52,7 @@ class RunArgs:
     knn_k: int = 200  # kNN protocol of InstDisc / MoCo CIFAR
     knn_t: float = 0.1
     smoke: bool = False  # tiny run on 16-px synthetic data with the small backbone, same code path
-    compile: bool = False  # torch.compile the networks (off: slower on an H200, see README)
+    compile: bool = False  # torch.compile the networks and the augmentation (README: speed)
     stream: bool = False  # --dataset folder: decode images in DataLoader workers, batch by batch
     workers: int = 8  # the streamed path's decoding processes per GPU (0: in the main process)
     skip_bad_images: bool = False  # streamed path: skip (and name) damaged images, do not stop
@@ -62,8 +62,9 @@ class RunArgs:
 PROBES = ("augmented", "cached")
 SMOKE = dict(dataset="synthetic", arch="small", image_size=16, epochs=2, batch_size=64,
              eval_every=2, steps_per_epoch=8, probe_epochs=1, log_every=4)
-# may be given another value on --resume: they do not change what the run computes, except
-# base_lr (to go on from the last good checkpoint with a lower rate after the loss diverged)
+# may be given another value on --resume: they do not change the algorithm (compile: which
+# random numbers the augmentation draws), except base_lr (to go on from the last good
+# checkpoint with a lower rate after the loss diverged)
 RESUME_MAY_CHANGE = ("data_dir", "eval_every", "log_every", "probe_epochs", "probe", "knn_k",
                      "knn_t", "smoke", "base_lr", "compile", "workers", "skip_bad_images")
 RESUME_NEW = ("resume", "out_dir", "stop_epoch")  # always this invocation's
@@ -257,10 +258,10 @@ def resume(args, ckpt, state):
 
 def distribute(module, args):
     """Speed and scale around a network, never changing what it computes: on CUDA the weights
-    are stored channels_last (augment() makes the images so too); under torchrun, BN over the
-    global batch (SyncBatchNorm; CUDA only, gloo has none) and gradients averaged over ranks
+    are stored channels_last (Data.normalize() makes the images so too); under torchrun, BN over
+    the global batch (SyncBatchNorm; CUDA only, gloo has none) and gradients averaged over ranks
     (DistributedDataParallel; a module with nothing to train, e.g. BYOL's target, is left out);
-    --compile: torch.compile."""
+    --compile: torch.compile (the augmentation's: Recipe.compile)."""
     if next(module.parameters(), torch.empty(0)).is_cuda:
         module = module.to(memory_format=torch.channels_last)
         if world_size() > 1:
@@ -603,8 +604,10 @@ class Data:
         return self.train_x.size if isinstance(self.train_x, ImageFiles) else self.train_x.shape[-1]
 
     def normalize(self, x):
-        """float images in [0, 1] -> per-channel standardized (statistics of the training set)."""
-        return (x - self.mean) / self.std
+        """float images in [0, 1] -> per-channel standardized (statistics of the training set);
+        on CUDA in channels_last, the layout of the networks there (distribute())."""
+        x = (x - self.mean) / self.std
+        return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x
 
 
 @dataclasses.dataclass
@@ -909,10 +912,24 @@ class Recipe:
     blur_p: float = 0.0
     blur_sigma: tuple = (0.1, 2.0)
     solarize_p: float = 0.0
+    compile: bool = False  # --compile: crop() and augment() run torch.compile'd (speed only)
+
+
+_compiled = {}  # function -> its torch.compile'd form
+
+
+def compiled(fn):
+    """fn under torch.compile with static shapes: one graph per recipe and input shape, its
+    hundreds of small operators fused into a few kernels. Made once per function."""
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
 
 
 def crop(x, r):
     """uint8 batch -> each image's random resized crop (r.size square), float in [0, 1]."""
+    if r.compile and not torch.compiler.is_compiling():
+        return compiled(crop)(x, r)
     B, _, H, W = x.shape
     return resized_crop(x.float().div_(255), crop_params(B, H, W, r.scale, r.ratio, x.device),
                         r.size)
@@ -921,6 +938,8 @@ def crop(x, r):
 def augment(x, r):
     """Each image's random resized crop (crop() or a streamed crop: float in [0, 1] or uint8)
     -> its randomly augmented view, float, before normalization: the rest of recipe r."""
+    if r.compile and not torch.compiler.is_compiling():
+        return compiled(augment)(x, r)
     B, dev = len(x), x.device
     x = x.float().div_(255) if x.dtype == torch.uint8 else x
     x = hflip(x, torch.rand(B, device=dev) < r.flip_p)
@@ -936,7 +955,7 @@ def augment(x, r):
         x = torch.where((torch.rand(B, device=dev) < r.blur_p).view(B, 1, 1, 1), blurred, x)
     if r.solarize_p > 0:
         x = torch.where((torch.rand(B, device=dev) < r.solarize_p).view(B, 1, 1, 1), solarize(x), x)
-    return x.contiguous(memory_format=torch.channels_last) if x.is_cuda else x  # see distribute()
+    return x
 
 
 def crop_params(B, H, W, scale, ratio, device):

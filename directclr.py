@@ -174,7 +174,7 @@ def train(args):
     s = args.jitter_strength  # SimCLR App. A: brightness, contrast, saturation 0.8 s, hue 0.2 s
     view = Recipe(size=args.image_size, scale=args.crop_scale,
                   jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=args.jitter_p,
-                  gray_p=args.gray_p, blur_p=args.blur_p)
+                  gray_p=args.gray_p, blur_p=args.blur_p, compile=args.compile)
     # evaluation: kNN and spectrum of r; z: the projector's output, or the sub-vector r[:, :d0]
     encoder, heads = f, {"direct": {"z": FirstDims(d0)}, "none": {}}.get(args.projector, {"z": g})
     state = dict(f=f, g=g, optimizer=optimizer)  # what a checkpoint holds

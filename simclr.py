@@ -115,7 +115,7 @@ def train(args):
     s = args.jitter_strength  # App. A: brightness, contrast, saturation 0.8 s, hue 0.2 s
     view = Recipe(size=args.image_size, scale=args.crop_scale,
                   jitter=(0.8 * s, 0.8 * s, 0.8 * s, 0.2 * s), jitter_p=args.jitter_p,
-                  gray_p=args.gray_p, blur_p=args.blur_p)
+                  gray_p=args.gray_p, blur_p=args.blur_p, compile=args.compile)
     encoder, heads = f, {"z": g}  # evaluation: kNN on h = f(x), diagnostics of h and z
     state = dict(f=f, g=g, optimizer=optimizer)  # what a checkpoint holds
     start, record = resume(args, ckpt, state)  # --resume: the epoch to go on from, else 0

@@ -110,7 +110,8 @@ def train(args):
                                 lr=lr, momentum=args.momentum, weight_decay=args.weight_decay,
                                 fused=device.type == "cuda" or None)  # one kernel for the update
     view = Recipe(size=args.image_size, scale=args.crop_scale, jitter=args.jitter,
-                  jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p)
+                  jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p,
+                  compile=args.compile)
     heads = {"z": f[1]}  # evaluation: kNN on the backbone, collapse diagnostics of z
     state = dict(f=f, h=h, optimizer=optimizer)  # what a checkpoint holds
     start, record = resume(args, ckpt, state)  # --resume: the epoch to go on from, else 0

@@ -233,7 +233,7 @@ def train(args):
     optimizer = LARS(exclude_bias_and_norm(f, C), lr=lr, weight_decay=args.weight_decay,
                      momentum=args.momentum, eta=args.lars_eta, clip=args.lars_clip)
     colour = dict(jitter=args.jitter, jitter_p=args.jitter_p, gray_p=args.gray_p,
-                  blur_p=args.blur_p)
+                  blur_p=args.blur_p, compile=args.compile)
     global_view = Recipe(size=args.image_size, scale=args.global_scale, **colour)
     small_view = Recipe(size=args.small_size, scale=args.small_scale, **colour)
     recipes = [global_view] * args.n_global + [small_view] * args.n_small  # one per crop

@@ -26,6 +26,9 @@ reason in the report, when it would not fit; parts 1 and 2 come from the same ru
   3. profile: torch.profiler over 2 SimSiam steps after 3 (CPU and CUDA activities): kernel time
      against the host's time to issue the step and its launch calls, kernel launches per step, the
      10 kernels with the most device time (CPU: operator calls and the 10 ops with most self time).
+     Then the step's stages timed alone (the two views; the networks' forward and backward; the
+     update), each eager, compiled as --compile does it, and with CUDA graphs (torch.compile
+     mode reduce-overhead): which stage compiling speeds up, and by how much.
   5. loader (before 4): benchmarks/loader.py on this machine's CPUs and GPU (256 generated
      ImageNet-sized JPEGs): one worker's decode rate per path, decode_jpeg on the GPU included,
      the streamed loader by worker count, and ResNet-50's training rate on the GPU; so README can
@@ -333,7 +336,8 @@ class Check:
             "config": {}, "data": {"status": "not run"},
             "fullsize": {"status": "not run", "methods": {}},
             "throughput": {"status": "not run", "methods": {}, "conventional": None},
-            "profile": {"status": "not run"}, "loader": {"status": "not run"},
+            "profile": {"status": "not run"}, "stages": {"status": "not run"},
+            "loader": {"status": "not run"},
             "accuracy": {"status": "not run"}}
         size = dict(dataset="synthetic", arch="small", image_size=16, batch_size=32, steps=2,
                     workers=2) if self.dry else dict(dataset="folder", arch="resnet18",
@@ -600,6 +604,137 @@ def summarize_profile(events, averages, cuda):
         P["verdict"] = (f"CPU: {P['step_ms']:.1f} ms per step, {P['cpu_self_ms']:.1f} ms of it "
                         f"in operators' own time over {P['ops_per_step']:.0f} operator calls")
     return P
+
+
+# ===================================================================== stages
+
+STAGE_MODES = ("eager", "compiled", "CUDA graphs")
+
+
+def stages_part(ck):
+    """Part 3, second half: SimSiam's step cut into its three stages, each timed alone (mean of
+    the timed calls after warm-up, synchronized): the two views (crop, augment, normalize), the
+    networks' forward and backward (autocast, loss, gradients), the SGD update. Each eager,
+    torch.compile'd as --compile does it (crop() and augment() each; f and h each) and, on
+    CUDA, torch.compile'd with CUDA graphs (mode "reduce-overhead"): where compiling pays."""
+    S = ck.R["stages"] = {"status": "running", "rows": {}}
+    skip = ck.fits(30 if ck.dry else 150, "stages")
+    if skip:
+        S["status"] = skip
+        return
+    say("=== stages of the SimSiam step: eager, compiled, CUDA graphs")
+    m, nn = MODULES["simsiam"], torch.nn
+    args = common.parse_args(m.Args, ck.flags())
+    device = torch.device("cuda" if ck.cuda else "cpu")
+    data = cached_load_data(args, device)
+    x = data.ssl_x[:args.batch_size]
+    view = common.Recipe(size=args.image_size, scale=args.crop_scale, jitter=args.jitter,
+                         jitter_p=args.jitter_p, gray_p=args.gray_p, blur_p=args.blur_p)
+    encoder = common.backbone(args.arch, args.image_size, args.zero_init_residual)
+    f = nn.Sequential(encoder, m.projector(encoder.dim, args.proj_dim, args.proj_layers))
+    h = m.predictor(args.proj_dim, args.pred_hidden)
+    f, h = f.to(device), h.to(device)
+    if ck.cuda:  # as common.distribute
+        f, h = f.to(memory_format=torch.channels_last), h.to(memory_format=torch.channels_last)
+    optimizer = torch.optim.SGD([*f.parameters(), *h.parameters()], lr=0.06, momentum=0.9,
+                                weight_decay=5e-4, fused=ck.cuda or None)
+    warmup, timed = (1, 2) if ck.dry else (3, 10)
+    S.update(batch_size=args.batch_size, warmup=warmup, timed=timed)
+
+    def views(r):
+        return [data.normalize(common.augment(common.crop(x, r), r)) for _ in range(2)]
+
+    x1, x2 = views(view)
+
+    def networks(f, h):
+        optimizer.zero_grad(set_to_none=True)
+        with common.autocast(device):
+            z1, z2 = f(x1), f(x2)
+            p1, p2 = h(z1), h(z2)
+        (m.D(p1, z2) / 2 + m.D(p2, z1) / 2).backward()
+
+    def graphs(fn):  # CUDA graphs replay only between step marks
+        return lambda: (torch.compiler.cudagraph_mark_step_begin(), fn())
+
+    reduce = functools.partial(torch.compile, mode="reduce-overhead", dynamic=False)
+    as_flag = dataclasses.replace(view, compile=True)  # what --compile gives the recipe
+    cases = {  # stage -> mode -> () -> the call to time (made when its turn comes)
+        "views": {"eager": lambda: functools.partial(views, view),
+                  "compiled": lambda: functools.partial(views, as_flag),
+                  "CUDA graphs": lambda: graphs(functools.partial(reduce(views), view))},
+        "networks": {"eager": lambda: functools.partial(networks, f, h),
+                     "compiled": lambda: functools.partial(networks, torch.compile(f),
+                                                           torch.compile(h)),
+                     "CUDA graphs": lambda: graphs(functools.partial(networks, reduce(f),
+                                                                     reduce(h)))},
+        "update": {"eager": lambda: (networks(f, h), optimizer.step)[1]}}  # eager gradients
+    for stage, modes in cases.items():
+        row = S["rows"].setdefault(stage, {})
+        for mode in STAGE_MODES:
+            if mode not in modes:
+                continue
+            if mode == "CUDA graphs" and not ck.cuda:
+                row[mode] = {"error": "CUDA only"}
+                continue
+            if ck.left() < (5 if ck.dry else 45):
+                row[mode] = {"error": f"skipped: {ck.left():.0f} s of the budget left"}
+                continue
+            torch._dynamo.reset()
+            row[mode], err = attempt(f"{stage} {mode}", lambda: time_stage(
+                modes[mode](), warmup, timed, ck.cuda))
+            if err is not None:
+                row[mode] = {"error": err}
+            else:
+                say(f"{stage} {mode}: {row[mode]['ms']:.2f} ms per call "
+                    f"(first call {row[mode]['first_s']:.1f} s)")
+            torch._dynamo.reset()
+            free_memory()
+            ck.save()
+    S.update(summarize_stages(S["rows"], args.batch_size), status="done")
+    say(S["verdict"])
+
+
+def time_stage(fn, warmup, timed, cuda):
+    """ms per call of fn after warm-up (the first call, compilation included, timed apart)."""
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+    sync()
+    t = time.perf_counter()
+    fn()
+    sync()
+    first = time.perf_counter() - t
+    for _ in range(warmup - 1):
+        fn()
+    sync()
+    t = time.perf_counter()
+    for _ in range(timed):
+        fn()
+    sync()
+    return {"ms": round((time.perf_counter() - t) / timed * 1000, 3), "first_s": round(first, 1)}
+
+
+def summarize_stages(rows, batch_size, margin=1.05):
+    """Per stage the fastest mode and its gain over eager (a gain under margin is noise: eager
+    stays); the step as the sum of the stages, eager and with each stage's chosen mode, in ms
+    and in s per 50k-image epoch."""
+    out, eager_ms, best_ms = {}, 0.0, 0.0
+    for stage, row in rows.items():
+        ok = {mode: r["ms"] for mode, r in row.items() if r.get("ms") is not None}
+        if "eager" not in ok:
+            return {"verdict": f"no verdict: the {stage} stage did not run eager"}
+        best = min(ok, key=ok.get)
+        if ok["eager"] / ok[best] < margin:
+            best = "eager"
+        out[stage] = {"best": best, "gain": round(ok["eager"] / ok[best], 2)}
+        eager_ms, best_ms = eager_ms + ok["eager"], best_ms + ok[best]
+    pays = [f"{stage} ({b['best']}, {b['gain']:.2f}x)" for stage, b in out.items()
+            if b["best"] != "eager"]
+    return {"best": out, "step_ms_eager": round(eager_ms, 3), "step_ms_best": round(best_ms, 3),
+            "epoch_s_eager": round(EPOCH / batch_size * eager_ms / 1000, 2),
+            "epoch_s_best": round(EPOCH / batch_size * best_ms / 1000, 2),
+            "verdict": "compiling pays for " + (", ".join(pays) if pays else
+                                                 f"no stage (by {margin:.2f}x or more)")}
 
 
 # ===================================================================== loader
@@ -893,6 +1028,7 @@ def report(R):
                       "| operator | self CPU ms / step | calls / step |", "|---|---|---|"]
         lines += [f"| `{cell(t['name'][:90])}` | {t['ms_per_step']:.3f} | "
                   f"{t['calls_per_step']:g} |" for t in P["top"]]
+    lines += stages_report(R.get("stages") or {"status": "not run"})
     A = R["accuracy"]
     lines += ["", "## 4. Accuracy", ""]
     if A.get("epochs"):
@@ -933,6 +1069,35 @@ def report(R):
         lines.append(f"Status: {cell(L.get('status'))}"
                      + (f" ({cell(L['error'])})" if L.get("error") else "") + ".")
     return "\n".join(lines) + "\n"
+
+
+def stages_report(S):
+    lines = ["", "### The step's stages alone: eager, compiled, CUDA graphs", ""]
+    if S.get("status") != "done":
+        return lines + [f"Status: {cell(S.get('status'))}"
+                        + (f" ({cell(S['error'])})" if S.get("error") else "") + "."]
+    lines += [f"SimSiam at batch {S['batch_size']}: ms per call, mean of {S['timed']} calls "
+              f"after {S['warmup']} (the first, compilation included, in seconds). views: crop, "
+              f"augment and normalize both views; networks: f and h forward and backward "
+              f"(autocast, loss); update: SGD. compiled: as --compile (crop(), augment(), f, h "
+              f"each torch.compile'd); CUDA graphs: torch.compile mode reduce-overhead.", "",
+              "| stage | " + " | ".join(STAGE_MODES) + " | fastest |",
+              "|---|" + "---|" * (len(STAGE_MODES) + 1)]
+    best = S.get("best") or {}
+    for stage, row in S["rows"].items():
+        cells = []
+        for mode in STAGE_MODES:
+            r = row.get(mode)
+            cells.append("" if r is None else cell(r["error"]) if r.get("error") else
+                         f"{r['ms']:.2f} ({r['first_s']:.1f} s)")
+        b = best.get(stage)
+        cells.append(f"{b['best']} ({b['gain']:.2f}x)" if b else "")
+        lines.append(f"| {stage} | " + " | ".join(cells) + " |")
+    if S.get("step_ms_eager") is not None:
+        lines += ["", f"The stages summed: {S['step_ms_eager']:.1f} ms eager "
+                  f"({S['epoch_s_eager']:.2f} s per 50k-image epoch), {S['step_ms_best']:.1f} ms "
+                  f"with each stage's fastest mode ({S['epoch_s_best']:.2f} s)."]
+    return lines + ["", f"**{S['verdict']}.**"]
 
 
 # ======================================================================= main
@@ -1025,6 +1190,10 @@ def main():
             _, err = attempt("profile", profile_part, ck)
             if err is not None:
                 R["profile"].update(status="crashed", error=err)
+            ck.save()
+            _, err = attempt("stages", stages_part, ck)
+            if err is not None:
+                R["stages"].update(status="crashed", error=err)
             ck.save()
         if runs:
             for name in METHODS:

@@ -147,7 +147,8 @@ def _run_state(r):
 
 def render_gpu_check(folder):
     """The README lines for a folder written by benchmarks/gpu_check.py (its results.json):
-    full-size table, throughput table, profile line, accuracy result with its kNN curve."""
+    full-size table, throughput table, profile and stages lines, accuracy result with its kNN
+    curve."""
     with open(os.path.join(folder, "results.json")) as fh:
         R = json.load(fh)
     rel = os.path.relpath(folder, ROOT)
@@ -198,6 +199,12 @@ def render_gpu_check(folder):
         else:  # the verdict says it all
             detail = f"{_num(P.get('step_ms'), '{:.1f}')} ms per step"
         lines += [f"Profile of one SimSiam step (eager): {P.get('verdict')}; {detail}.", ""]
+    S = R.get("stages", {})
+    if S.get("status") == "done" and S.get("step_ms_eager") is not None:
+        lines += [f"The step's stages timed alone (views, networks, update; eager, compiled, CUDA "
+                  f"graphs): {S.get('verdict')}; summed {_num(S['step_ms_eager'], '{:.1f}')} ms "
+                  f"eager, {_num(S.get('step_ms_best'), '{:.1f}')} ms with the fastest mode of "
+                  f"each ({_num(S.get('epoch_s_best'), '{:.2f}')} s per 50k-image epoch).", ""]
     A = R.get("accuracy", {})
     if A.get("epochs"):
         lines += ["| method | epochs | kNN top-1 | linear top-1 | wall time |",

@@ -133,3 +133,26 @@ def test_augment_is_per_sample_random_and_in_range():
     a, b = common.augment(x, r), common.augment(x, r)
     assert a.shape == (B, 3, 32, 32) and a.min() >= 0 and a.max() <= 1
     assert not torch.allclose(a, b)
+
+
+def test_compiled_augmentation_is_one_graph_and_computes_the_eager_ops(monkeypatch):
+    """--compile's path (Recipe.compile): crop() and augment() (of crop()'s float views and of
+    streamed uint8 crops) each trace into one graph with no break, so the compiler may fuse all
+    of it; the traced graphs, run by aot_eager, give the eager result for the same random state
+    (inductor's own kernels: tests/test_training.py)."""
+    r = common.Recipe(size=16, blur_p=0.5, solarize_p=0.5)  # every op on
+    x = (torch.rand(B, 3, 24, 24) * 255).to(torch.uint8)
+    views = common.crop(x, r)
+    for fn, arg in ((common.crop, x), (common.augment, views),
+                    (common.augment, views.mul(255).byte())):
+        explained = torch._dynamo.explain(fn)(arg, r)
+        assert (explained.graph_count, explained.graph_break_count) == (1, 0), fn.__name__
+    compile_ = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compile_(fn, backend="aot_eager", **kw))
+    monkeypatch.setattr(common, "_compiled", {})
+    outputs = []
+    for recipe in (r, common.Recipe(size=16, blur_p=0.5, solarize_p=0.5, compile=True)):
+        torch.manual_seed(3)
+        outputs.append(common.augment(common.crop(x, recipe), recipe))
+    assert set(common._compiled) == {common.crop, common.augment}
+    torch.testing.assert_close(outputs[1], outputs[0], atol=1e-6, rtol=0)

@@ -165,6 +165,13 @@ def test_gpu_check_dry_run_writes_every_part(dry_run):
     P = R["profile"]
     assert P["status"] == "done" and P["device"] == "cpu" and P["steps"] == 2
     assert P["step_ms"] > 0 and P["ops_per_step"] > 0 and len(P["top"]) == 10
+    S = R["stages"]
+    assert S["status"] == "done" and list(S["rows"]) == ["views", "networks", "update"]
+    for stage, modes in (("views", ["eager", "compiled"]), ("networks", ["eager", "compiled"]),
+                         ("update", ["eager"])):
+        assert all(S["rows"][stage][mode]["ms"] > 0 for mode in modes), stage
+    assert S["rows"]["views"]["CUDA graphs"] == {"error": "CUDA only"}
+    assert S["step_ms_eager"] == pytest.approx(sum(S["rows"][s]["eager"]["ms"] for s in S["rows"]))
     L = R["loader"]
     assert L["status"] == "done" and L["decode_img_per_s"] > 0
     assert L["gpu_img_per_s"] is None and L["workers_per_gpu"] is None  # no GPU figure assumed
@@ -179,6 +186,7 @@ def test_gpu_check_dry_run_writes_every_part(dry_run):
     for head in ("| method | eager | loss | peak memory (GiB) | --compile |",
                  "| method | img/s eager | s/epoch | img/s --compile |",
                  "| operator | self CPU ms / step | calls / step |",
+                 "| stage | eager | compiled | CUDA graphs | fastest |",
                  "| method | epochs | batch | kNN top-1 | linear top-1 | wall time |",
                  "## 5. Loader (benchmarks/loader.py)", "Tables in [loader.md](loader.md)."):
         assert head in report, head
@@ -204,6 +212,8 @@ def test_results_renders_a_gpu_check_folder(dry_run, tmp_path):
     assert speed[-1]["method"].startswith("conventional")
     assert accuracy[0]["method"] == "simsiam" and accuracy[0]["epochs"] == "2 of 2"
     assert "Profile of one SimSiam step (eager): CPU:" in text
+    assert "The step's stages timed alone (views, networks, update; eager, compiled, CUDA " \
+           "graphs): compiling pays for " in text
     assert ("knn.png)" in text) == (folder / "knn.png").exists()
     assert results.section(str(tmp_path)).startswith("### ")  # the README section takes it
 
@@ -234,6 +244,36 @@ def test_gpu_check_summarizes_a_cuda_profile():
     assert [(t["name"], t["ms_per_step"]) for t in P["top"]] == [("conv_kernel", 4.0),
                                                                   ("relu_kernel", 2.0)]
     assert P["verdict"].startswith("host-bound: the GPU idles 40%")
+
+
+def test_gpu_check_chooses_a_mode_per_stage():
+    """The stages' verdict on hand-made timings: the fastest mode per stage where it beats eager
+    by 5% or more, else eager; the step as the sum of the chosen modes; the report's table."""
+    import gpu_check
+
+    def t(ms):
+        return {"ms": ms, "first_s": 0.5}
+    rows = {"views": {"eager": t(4.0), "compiled": t(2.0), "CUDA graphs": t(1.0)},
+            "networks": {"eager": t(10.0), "compiled": t(9.8),
+                         "CUDA graphs": {"error": "RuntimeError: no"}},
+            "update": {"eager": t(1.0)}}
+    S = gpu_check.summarize_stages(rows, batch_size=500)
+    assert S["best"] == {"views": {"best": "CUDA graphs", "gain": 4.0},
+                         "networks": {"best": "eager", "gain": 1.0},
+                         "update": {"best": "eager", "gain": 1.0}}
+    assert (S["step_ms_eager"], S["step_ms_best"]) == (15.0, 12.0)
+    assert (S["epoch_s_eager"], S["epoch_s_best"]) == (1.5, 1.2)  # 100 steps of 500 images
+    assert S["verdict"] == "compiling pays for views (CUDA graphs, 4.00x)"
+    text = "\n".join(gpu_check.stages_report({"status": "done", "batch_size": 500, "warmup": 3,
+                                              "timed": 10, "rows": rows, **S}))
+    assert "| views | 4.00 (0.5 s) | 2.00 (0.5 s) | 1.00 (0.5 s) | CUDA graphs (4.00x) |" in text
+    assert "| networks | 10.00 (0.5 s) | 9.80 (0.5 s) | RuntimeError: no | eager (1.00x) |" in text
+    assert "15.0 ms eager (1.50 s per 50k-image epoch), 12.0 ms" in text
+    rows["views"]["eager"]["ms"] = 1.0
+    assert gpu_check.summarize_stages(rows, 500)["verdict"] == \
+        "compiling pays for no stage (by 1.05x or more)"
+    del rows["update"]["eager"]
+    assert gpu_check.summarize_stages(rows, 500)["verdict"].startswith("no verdict")
 
 
 def test_gpu_check_unpacks_and_decodes_a_zip_as_common_does(tmp_path):

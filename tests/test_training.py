@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+import common
 from common import parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -71,11 +72,17 @@ def test_stop_and_resume_follows_the_uninterrupted_run(method, tmp_path):
     assert_same_state(straight, resumed)
 
 
-def test_compile_changes_speed_not_the_algorithm(tmp_path):
-    """--compile (torch.compile of the networks; inductor builds C++ kernels on CPU) ends the tiny
-    SimSiam run with the weights of the eager run, up to float rounding."""
+def test_compile_changes_speed_not_the_algorithm(tmp_path, monkeypatch):
+    """--compile (torch.compile of the networks, crop() and augment(); inductor builds C++
+    kernels on CPU) ends the tiny SimSiam run with the weights of the eager run, up to float
+    rounding, once compiled code draws its random numbers as eager does (fallback_random; by
+    default inductor draws its own: another sample of the same augmentation)."""
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    monkeypatch.setattr(common, "_compiled", {})
     eager = checkpoint(train("simsiam", tmp_path / "eager"))
+    assert common._compiled == {}
     compiled = checkpoint(train("simsiam", tmp_path / "compiled", "--compile"))
+    assert set(common._compiled) == {common.crop, common.augment}  # the augmentation took its path
     for net in ("f", "h"):
         assert eager[net].keys() == compiled[net].keys()  # no wrapper prefix in the checkpoint
         for name, t in eager[net].items():
