@@ -369,6 +369,16 @@ class Check:
         say(f"{what}: {reason}")
         return reason
 
+    def begin(self, part, seconds, what, **fields):
+        """A part's results, as running, in R[part]; None (its status says why) when the
+        estimated seconds do not fit the time left."""
+        R = self.R[part] = {"status": "running", **fields}
+        skip = self.fits(seconds, what)
+        if skip:
+            R["status"] = skip
+            return None
+        return R
+
     def save(self):
         """results.json, then report.md (a report that cannot be drawn says why; the numbers
         are in results.json all the same)."""
@@ -514,10 +524,8 @@ def ratios(ck):
 # ==================================================================== profile
 
 def profile_part(ck):
-    P = ck.R["profile"] = {"status": "running"}
-    skip = ck.fits(20 if ck.dry else 45, "profile")
-    if skip:
-        P["status"] = skip
+    P = ck.begin("profile", 20 if ck.dry else 45, "profile")
+    if P is None:
         return
     from torch.profiler import ProfilerActivity, profile, schedule
     say("=== profile of SimSiam steps (eager)")
@@ -617,10 +625,8 @@ def stages_part(ck):
     networks' forward and backward (autocast, loss, gradients), the SGD update. Each eager,
     torch.compile'd as --compile does it (crop() and augment() each; f and h each) and, on
     CUDA, torch.compile'd with CUDA graphs (mode "reduce-overhead"): where compiling pays."""
-    S = ck.R["stages"] = {"status": "running", "rows": {}}
-    skip = ck.fits(30 if ck.dry else 150, "stages")
-    if skip:
-        S["status"] = skip
+    S = ck.begin("stages", 30 if ck.dry else 150, "stages", rows={})
+    if S is None:
         return
     say("=== stages of the SimSiam step: eager, compiled, CUDA graphs")
     m, nn = MODULES["simsiam"], torch.nn
@@ -694,23 +700,26 @@ def stages_part(ck):
     say(S["verdict"])
 
 
+def sync(cuda):
+    """Wait for the GPU's queued work (nothing to wait for on a CPU)."""
+    if cuda:
+        torch.cuda.synchronize()
+
+
 def time_stage(fn, warmup, timed, cuda):
     """ms per call of fn after warm-up (the first call, compilation included, timed apart)."""
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-    sync()
+    sync(cuda)
     t = time.perf_counter()
     fn()
-    sync()
+    sync(cuda)
     first = time.perf_counter() - t
     for _ in range(warmup - 1):
         fn()
-    sync()
+    sync(cuda)
     t = time.perf_counter()
     for _ in range(timed):
         fn()
-    sync()
+    sync(cuda)
     return {"ms": round((time.perf_counter() - t) / timed * 1000, 3), "first_s": round(first, 1)}
 
 
@@ -741,10 +750,8 @@ def summarize_stages(rows, batch_size, margin=1.05):
 
 def loader_part(ck):
     """Part 5: benchmarks/loader.py here (its --quick form in a dry run), into --out."""
-    L = ck.R["loader"] = {"status": "running"}
-    skip = ck.fits(30 if ck.dry else 100, "loader")
-    if skip:
-        L["status"] = skip
+    L = ck.begin("loader", 30 if ck.dry else 100, "loader")
+    if L is None:
         return
     import loader
     say("=== loader (benchmarks/loader.py)")
@@ -869,14 +876,9 @@ def time_evaluation(margs, data, ck):
     difference scaled to --probe-epochs."""
     device = "cuda" if ck.cuda else "cpu"
     net = common.backbone(margs.arch, margs.image_size).to(device)
-
-    def sync():
-        if ck.cuda:
-            torch.cuda.synchronize()
-
     t = time.time()
     common.evaluate(net, data, margs)
-    sync()
+    sync(ck.cuda)
     eval_s = time.time() - t
     if margs.probe_epochs <= 0:
         return eval_s, 0.0
@@ -884,7 +886,7 @@ def time_evaluation(margs, data, ck):
     for epochs in (1, 2):
         t = time.time()
         common.probe(net, data, dataclasses.replace(margs, probe_epochs=epochs))
-        sync()
+        sync(ck.cuda)
         secs.append(time.time() - t)
     per_epoch = max(secs[1] - secs[0], 0.0)
     del net
